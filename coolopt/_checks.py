@@ -1,0 +1,90 @@
+"""Validation of hyperparameters and helpers shared by the transformations."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_concrete_number(value: Any) -> bool:
+  """Whether `value` is a number known when the transformation is built.
+
+  Traced values (inside `jit` or `optax.inject_hyperparams`) and schedules are
+  not: they cannot be checked in Python and are taken as they are.
+  """
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return False
+  if isinstance(value, (int, float, np.number)):
+    return True
+  return isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+
+
+def check_range(
+  name: str,
+  value: Any,
+  *,
+  lower: float | None = None,
+  upper: float | None = None,
+  lower_inclusive: bool = True,
+  upper_inclusive: bool = False,
+) -> None:
+  """Raises `ValueError` if a concrete `value` lies outside the given range."""
+  if not is_concrete_number(value):
+    return
+  x = float(value)
+  ok = np.isfinite(x)
+  if lower is not None:
+    ok = ok and (x >= lower if lower_inclusive else x > lower)
+  if upper is not None:
+    ok = ok and (x <= upper if upper_inclusive else x < upper)
+  if not ok:
+    left = '[' if lower_inclusive else '('
+    right = ']' if upper_inclusive else ')'
+    lo = '-inf' if lower is None else f'{lower:g}'
+    hi = 'inf' if upper is None else f'{upper:g}'
+    raise ValueError(f'{name} must be in {left}{lo}, {hi}{right}, got {name}={value!r}.')
+
+
+def check_schedule_or_positive(name: str, value: Any) -> None:
+  """Checks a `ScalarOrSchedule`: a schedule, a traced value or a number > 0."""
+  check_range(name, value, lower=0.0, lower_inclusive=False, upper=None)
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(
+      f'{name} must be one of {", ".join(map(repr, choices))}, got {name}={value!r}.'
+    )
+
+
+def split_kwargs_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The subset of `kwargs` that `fn` accepts by name (all of them for `**kwargs`)."""
+  try:
+    parameters = inspect.signature(fn).parameters
+  except (TypeError, ValueError):  # Builtins and some callables have no signature.
+    return {}
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    return dict(kwargs)
+  accepted = {
+    name
+    for name, p in parameters.items()
+    if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+  }
+  return {k: v for k, v in kwargs.items() if k in accepted}
+
+
+def find_states(tree: Any, state_type: type) -> list[Any]:
+  """All nodes of type `state_type` in a (nested) optimizer state."""
+  found = []
+
+  def visit(node):
+    if isinstance(node, state_type):
+      found.append(node)
+    return node
+
+  jax.tree_util.tree_map(visit, tree, is_leaf=lambda node: isinstance(node, state_type))
+  return found

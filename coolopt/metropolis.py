@@ -1,0 +1,290 @@
+r"""Metropolis acceptance around any optimizer, and SGD-SA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from coolopt import _checks
+
+__all__ = ['MetropolisState', 'acceptance_rate', 'metropolis', 'sgd_sa']
+
+SGD_SA_LEARNING_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05)
+
+
+class MetropolisState(NamedTuple):
+  """State for :func:`metropolis`.
+
+  Attributes:
+    count: number of proposals made so far (int32); the step at which the
+      temperature schedule is evaluated.
+    key: the PRNG key (raw uint32 key data), split at every step.
+    inner_state: the state of the wrapped optimizer, as of the last accepted move.
+    accepted: whether the last proposal was accepted (bool).
+    num_accepted: number of accepted proposals (int32).
+    delta: the loss change of the last proposal, candidate minus current (float32).
+    temperature: the temperature used for the last proposal (float32).
+  """
+
+  count: chex.Array
+  key: chex.PRNGKey
+  inner_state: optax.OptState
+  accepted: chex.Array
+  num_accepted: chex.Array
+  delta: chex.Array
+  temperature: chex.Array
+
+
+def _key_data(key: int | chex.PRNGKey) -> chex.Array:
+  """Raw uint32 key data from an int seed, a typed key or raw key data."""
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  if jnp.ndim(key) == 0:  # An int seed, possibly traced by `inject_hyperparams`.
+    return jax.random.PRNGKey(key)
+  return jnp.asarray(key, jnp.uint32)
+
+
+def metropolis(
+  inner: optax.GradientTransformation,
+  temperature: optax.ScalarOrSchedule,
+  *,
+  multipliers: Sequence[float] | None = None,
+  key: int | chex.PRNGKey = 0,
+  axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Accepts or rolls back each step of ``inner`` by the Metropolis criterion.
+
+  At step :math:`n` the inner optimizer proposes an update :math:`v`; a multiplier
+  :math:`m` is drawn uniformly from ``multipliers`` and the candidate
+  :math:`x' = x + m v` is evaluated on the same minibatch. With
+  :math:`\delta = L(x') - L(x)` it is accepted with probability
+
+  .. math::
+
+    p = \min\left(1, e^{-\delta / T_n}\right),
+
+  so improving moves are always accepted and a non-finite :math:`L(x')` never is.
+  A rejected move is rolled back completely: the update is zero and the inner
+  optimizer's state stays as it was before the step (as in `optax.apply_if_finite`).
+
+  The update is called as ``update(updates, state, params, value=L(x), value_fn=L)``,
+  where ``value`` is the loss already computed with the gradient, so a step costs
+  exactly one extra forward pass, ``value_fn(params + u)``. Extra keyword
+  arguments that ``value_fn`` takes by name are passed on to it (for example
+  ``batch=...``); all of them are passed to ``inner``.
+
+  ``value_fn`` must compute the loss exactly as ``value`` was computed: the same
+  minibatch, the same BatchNorm mode and the same dropout key, only discarding its
+  batch-statistics update. Otherwise :math:`\delta` compares two different
+  functions (say batch statistics against running averages) and the test is
+  biased. It may also be another objective than the training loss, such as the
+  minibatch error rate.
+
+  ``metropolis(coolopt.coolmomentum(...), T)`` is annealed Langevin dynamics with a
+  Metropolis correction: each CoolMomentum step is a proposal, accepted by the
+  Boltzmann criterion at the temperature ``T``.
+
+  With ``axis_name`` (under `pmap` or `shard_map`), ``value`` and the candidate
+  loss are averaged over that axis before the test; the key, identical on every
+  replica, makes every replica take the same decision, so parameters stay in
+  lock-step. Under `jit` with sharded global arrays no axis name is needed.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import coolopt
+    >>> loss = lambda x: jnp.sum((x - 1.0) ** 2)
+    >>> opt = coolopt.metropolis(optax.sgd(0.1), temperature=1e-3, key=0)
+    >>> params = jnp.zeros(3)
+    >>> state = opt.init(params)
+    >>> for _ in range(50):
+    ...   value, grad = jax.value_and_grad(loss)(params)
+    ...   updates, state = opt.update(grad, state, params, value=value, value_fn=loss)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f'{loss(params):.4f}, acceptance rate {coolopt.acceptance_rate(state):.2f}')
+    0.0000, acceptance rate 1.00
+
+  Args:
+    inner: the optimizer whose steps are proposed.
+    temperature: :math:`T_n > 0`, a number or a schedule of the step count.
+    multipliers: the set :math:`H` of step multipliers, drawn uniformly; default
+      ``(1.0,)``.
+    key: an int seed or a `jax.random` key.
+    axis_name: the mapped axis over which losses are averaged, if any.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose update requires the keyword
+    arguments ``value`` and ``value_fn``.
+
+  References:
+    Fischetti & Stringher, `Embedded hyper-parameter tuning by Simulated Annealing
+    <https://arxiv.org/abs/1906.01504>`_, 2019.
+
+    Metropolis et al., Equation of state calculations by fast computing machines,
+    J. Chem. Phys. 21, 1087 (1953).
+  """
+  _checks.check_schedule_or_positive('temperature', temperature)
+  multipliers = (1.0,) if multipliers is None else multipliers
+  if isinstance(multipliers, (int, float)):
+    raise ValueError(
+      f'multipliers must be a non-empty sequence of positive numbers, got '
+      f'multipliers={multipliers!r}.'
+    )
+  if not isinstance(multipliers, jax.core.Tracer):
+    values = np.asarray(multipliers, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(values > 0) or not np.all(np.isfinite(values)):
+      raise ValueError(
+        f'multipliers must be a non-empty sequence of positive numbers, got '
+        f'multipliers={multipliers!r}.'
+      )
+  inner = optax.with_extra_args_support(inner)
+
+  def temperature_at(count):
+    value = temperature(count) if callable(temperature) else temperature
+    return jnp.asarray(value, jnp.float32)
+
+  def init_fn(params: optax.Params) -> MetropolisState:
+    return MetropolisState(
+      count=jnp.zeros([], jnp.int32),
+      key=_key_data(key),
+      inner_state=inner.init(params),
+      accepted=jnp.ones([], jnp.bool_),
+      num_accepted=jnp.zeros([], jnp.int32),
+      delta=jnp.zeros([], jnp.float32),
+      temperature=temperature_at(jnp.zeros([], jnp.int32)),
+    )
+
+  def update_fn(
+    updates: optax.Updates,
+    state: MetropolisState,
+    params: optax.Params | None = None,
+    *,
+    value: chex.Numeric,
+    value_fn: Callable[..., chex.Numeric],
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, MetropolisState]:
+    if params is None:
+      raise ValueError('metropolis needs params to evaluate the candidate; got params=None.')
+    proposal, inner_state = inner.update(
+      updates, state.inner_state, params, value=value, value_fn=value_fn, **extra_args
+    )
+    key, multiplier_key, accept_key = jax.random.split(state.key, 3)
+    choices = jnp.asarray(multipliers, jnp.float32)
+    multiplier = choices[jax.random.randint(multiplier_key, [], 0, choices.shape[0])]
+    proposal = jax.tree.map(lambda u: (multiplier * u).astype(u.dtype), proposal)
+
+    fn_kwargs = _checks.split_kwargs_for(value_fn, extra_args)
+    candidate = jnp.asarray(value_fn(optax.apply_updates(params, proposal), **fn_kwargs))
+    current = jnp.asarray(value)
+    if axis_name is not None:
+      current, candidate = jax.lax.pmean((current, candidate), axis_name)
+    delta = candidate - current
+    temp = temperature_at(state.count)
+    # u < exp(-delta / T) with u in [0, 1): every improving move passes; a NaN
+    # delta fails the comparison and a non-finite candidate is refused outright.
+    accepted = jnp.isfinite(candidate) & (
+      jax.random.uniform(accept_key, dtype=jnp.float32) < jnp.exp(-delta / temp)
+    )
+    updates = jax.tree.map(lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), proposal)
+    inner_state = jax.tree.map(
+      lambda new, old: jnp.where(accepted, new, old), inner_state, state.inner_state
+    )
+    return updates, MetropolisState(
+      count=optax.safe_increment(state.count),
+      key=key,
+      inner_state=inner_state,
+      accepted=accepted,
+      num_accepted=jnp.where(
+        accepted, optax.safe_increment(state.num_accepted), state.num_accepted
+      ),
+      delta=delta.astype(jnp.float32),
+      temperature=temp,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sgd_sa(
+  learning_rates: Sequence[float] = SGD_SA_LEARNING_RATES,
+  initial_temperature: float = 1.0,
+  cooling_factor: float = 0.8,
+  steps_per_epoch: int | None = None,
+  key: int | chex.PRNGKey = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SGD-SA (Fischetti & Stringher, Algorithm 2): SGD with a random learning rate,
+  accepted by the Metropolis criterion, cooled once per epoch.
+
+  Each step draws a learning rate :math:`\eta` uniformly from ``learning_rates``,
+  proposes :math:`w - \eta \nabla L(w)`, and accepts it with probability
+  :math:`\min(1, e^{-\delta/T})` where :math:`\delta` is the loss change on the same
+  minibatch; :math:`T` starts at ``initial_temperature`` and is multiplied by
+  ``cooling_factor`` at the end of every epoch:
+  :math:`T_n = T_0\,\alpha^{\lfloor n / N \rfloor}`.
+
+  Examples:
+    >>> import coolopt
+    >>> opt = coolopt.sgd_sa(steps_per_epoch=390, key=0)
+
+  Args:
+    learning_rates: the set :math:`H` of learning rates.
+    initial_temperature: :math:`T_0 > 0`.
+    cooling_factor: :math:`\alpha \in (0, 1]`, applied once per epoch.
+    steps_per_epoch: :math:`N`, the number of minibatches per epoch.
+    key: an int seed or a `jax.random` key.
+
+  Returns:
+    A :func:`metropolis` around `optax.sgd` with learning rate 1.
+
+  References:
+    Fischetti & Stringher, `Embedded hyper-parameter tuning by Simulated Annealing
+    <https://arxiv.org/abs/1906.01504>`_, 2019.
+  """
+  if steps_per_epoch is None:
+    raise ValueError('sgd_sa needs steps_per_epoch, the number of minibatches in an epoch.')
+  _checks.check_range(
+    'steps_per_epoch', steps_per_epoch, lower=0.0, lower_inclusive=False, upper=None
+  )
+  _checks.check_range('initial_temperature', initial_temperature, lower=0.0, lower_inclusive=False)
+  _checks.check_range(
+    'cooling_factor',
+    cooling_factor,
+    lower=0.0,
+    lower_inclusive=False,
+    upper_inclusive=True,
+    upper=1.0,
+  )
+  temperature = optax.exponential_decay(
+    initial_temperature, steps_per_epoch, cooling_factor, staircase=True
+  )
+  return metropolis(optax.sgd(1.0), temperature, multipliers=learning_rates, key=key)
+
+
+def acceptance_rate(opt_state: Any) -> chex.Array:
+  """The fraction of proposals accepted so far, found in any nested optimizer state.
+
+  Args:
+    opt_state: the state of an optimizer that contains :func:`metropolis`.
+
+  Returns:
+    Accepted proposals / proposals (1 before the first step); with a leading axis
+    per replica under `pmap`.
+
+  Raises:
+    ValueError: if the state holds no, or more than one, :class:`MetropolisState`.
+  """
+  states = _checks.find_states(opt_state, MetropolisState)
+  if len(states) != 1:
+    raise ValueError(
+      f'opt_state must contain exactly one MetropolisState, found {len(states)}: '
+      'acceptance_rate reads the state of an optimizer built with coolopt.metropolis '
+      'or coolopt.sgd_sa.'
+    )
+  state = states[0]
+  return jnp.where(state.count > 0, state.num_accepted / jnp.maximum(state.count, 1), 1.0)

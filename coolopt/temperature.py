@@ -1,0 +1,99 @@
+r"""The rescaled temperature of paper Eq. 22, for any optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from coolopt import _checks
+
+__all__ = ['TemperatureState', 'temperature', 'track_temperature']
+
+
+class TemperatureState(NamedTuple):
+  """State for :func:`track_temperature`.
+
+  Attributes:
+    count: number of updates seen (int32).
+    temperature: the rescaled temperature :math:`T \\Delta t^2` of the last update
+      (float32): the mean over all parameters of the squared update.
+  """
+
+  count: chex.Array
+  temperature: chex.Array
+
+
+def track_temperature() -> optax.GradientTransformationExtraArgs:
+  r"""Records the rescaled temperature of each update; the updates pass unchanged.
+
+  Place it last in a chain, so that it sees the final displacement
+  :math:`\Delta x_{n+1}` that is added to the parameters (for CoolMomentum, the
+  Langevin displacement; for Adam or SGD, their final update):
+
+  .. math::
+
+    T \Delta t^2 = \frac{1}{\mathrm{Size}} \sum_{i=1}^{\mathrm{Size}} \Delta x_{i,n+1}^2.
+
+  Averaged over the steps of an epoch, this is paper Eq. 22, the quantity the
+  paper plots to show that CoolMomentum anneals while Adam and momentum quench.
+  Read it with :func:`coolopt.temperature`. The mean is computed in float32 in the
+  same pass over the updates as the optimizer's own arithmetic under `jax.jit`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import coolopt
+    >>> opt = optax.chain(optax.sgd(0.5), coolopt.track_temperature())
+    >>> params = {'w': jnp.ones(3), 'b': jnp.zeros(1)}
+    >>> state = opt.init(params)
+    >>> grads = {'w': jnp.array([1.0, 2.0, 3.0]), 'b': jnp.array([4.0])}
+    >>> updates, state = opt.update(grads, state, params)
+    >>> print(coolopt.temperature(state))  # (0.25 + 1 + 2.25 + 4) / 4
+    1.875
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Borysenko & Byshkin, Sci. Rep. 11, 10705 (2021), Eq. 22 and Fig. 1c.
+  """
+
+  def init_fn(params: optax.Params) -> TemperatureState:
+    del params
+    return TemperatureState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    size = sum(leaf.size for leaf in leaves)
+    sum_of_squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
+    temperature = jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
+    return updates, TemperatureState(optax.safe_increment(state.count), temperature)
+
+  return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
+
+
+def temperature(opt_state: Any) -> chex.Array:
+  """The rescaled temperature of the last update, found in any nested optimizer state.
+
+  Args:
+    opt_state: the state of an optimizer that contains :func:`track_temperature`.
+
+  Returns:
+    The temperature (float32; with a leading axis per replica under `pmap`).
+
+  Raises:
+    ValueError: if the state holds no, or more than one, :class:`TemperatureState`.
+  """
+  states = _checks.find_states(opt_state, TemperatureState)
+  if len(states) != 1:
+    raise ValueError(
+      f'opt_state must contain exactly one TemperatureState, found {len(states)}: add '
+      'coolopt.track_temperature() once, as the last transformation of the chain, e.g. '
+      'optax.chain(coolopt.coolmomentum(...), coolopt.track_temperature()).'
+    )
+  return states[0].temperature

@@ -1,0 +1,9 @@
+"""Test set-up: eight CPU devices for the data-parallel tests, TensorFlow off the GPU."""
+
+import os
+
+# Must precede the first import of jax anywhere in the test session.
+os.environ['XLA_FLAGS'] = (
+  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
