@@ -51,7 +51,10 @@ def _cooling_schedule(
     if total_steps is None:
       rho = jnp.full_like(n, rho0)
     else:
-      rho = jnp.maximum(0.0, rho_of_step(n / _as_float(total_steps), rho0))
+      # rho_S == 0 and rho stays 0 after S; evaluating past t = 1 would overflow
+      # (c**(1 - t) is inf for the friction schedule a few S past S) and give NaN.
+      t = jnp.minimum(n / _as_float(total_steps), 1.0)
+      rho = jnp.maximum(0.0, rho_of_step(t, rho0))
     # Warm-up zeroes rho before W and leaves the schedule unshifted after it.
     return jnp.where(n < _as_float(warmup_steps), jnp.zeros_like(rho), rho)
 
