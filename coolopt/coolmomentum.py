@@ -177,10 +177,14 @@ def coolmomentum(
   _checks.check_choice('cooling', cooling, tuple(COOLING_SCHEDULES))
   _checks.check_range('weight_decay', weight_decay, lower=0.0, upper=None)
   momentum = COOLING_SCHEDULES[cooling](rho_0, total_steps, warmup_steps)
-  transforms = []
+  decay = optax.add_decayed_weights(weight_decay, mask)
   # A concrete zero skips the extra pass over the parameters; a traced one (inside
-  # `inject_hyperparams`) cannot be tested in Python and is applied.
-  if not (_checks.is_concrete_number(weight_decay) and float(weight_decay) == 0.0):
-    transforms.append(optax.add_decayed_weights(weight_decay, mask))
-  transforms.append(scale_by_coolmomentum(learning_rate, momentum, accumulator_dtype))
-  return optax.chain(*transforms)
+  # `inject_hyperparams`) cannot be tested in Python and is applied. The decay's
+  # state stays either way: `inject_hyperparams` may build the optimizer with a
+  # concrete zero in `init` and a traced one in a jitted `update`, and both must
+  # agree on the structure of the state.
+  if _checks.is_concrete_number(weight_decay) and float(weight_decay) == 0.0:
+    decay = optax.GradientTransformation(
+      decay.init, lambda updates, state, params=None: (updates, state)
+    )
+  return optax.chain(decay, scale_by_coolmomentum(learning_rate, momentum, accumulator_dtype))
