@@ -1,0 +1,578 @@
+# Copyright 2025 The coolopt Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Input pipelines for the reference trainers.
+
+Four datasets are served through one `tf.data` batching path:
+
+* ``cifar10`` (TFDS): the augmentation of the Keras ``cifar10_resnet.py``
+  example: random shifts of up to 10% of the width and height with 'nearest'
+  fill, random horizontal flips, pixels scaled to [0, 1] minus the per-pixel
+  mean image of the training set.
+* ``imagenet2012`` (TFDS, manual download): Inception-style random-resized
+  crops and flips for training, a padded center crop for evaluation, and the
+  usual per-channel ImageNet mean/std normalization.
+* ``digits``: scikit-learn's bundled 8x8 digits, a fixed stratified 1,437/360
+  split. Small enough for tests and notebooks, and needs no download.
+* ``synthetic``: seeded random images whose labels are a fixed linear function
+  of the pixels, so that a model can learn them. For benchmarks and tests.
+
+Every train epoch is a deterministic function of ``(config.seed, epoch)``: the
+shuffle seed and the per-example augmentation keys are derived from them, and
+augmentation only uses stateless random ops. A run resumed at an epoch boundary
+therefore sees exactly the batches an uninterrupted run would have seen.
+
+Each process reads its own slice of a split and yields batches already shaped
+``[num_local_devices, per_device, ...]``. Test batches carry a ``mask`` and the
+last one is padded, so that evaluation covers the whole test split exactly once.
+
+Config fields read:
+
+* ``dataset``: one of `KNOWN_DATASETS`.
+* ``data_dir``: the TFDS data directory; None for TFDS' default.
+* ``image_size``: ImageNet's crop size, the synthetic images' side (default 32).
+* ``seed``: with the epoch number, decides the train order and augmentation.
+* ``steps_per_epoch``, ``steps_per_eval``: -1 (the default) for one pass.
+* ``shuffle_buffer`` (optional): default the whole local train split, or 16
+  batches for ImageNet.
+* ``cache`` (optional): keep the decoded split in memory across epochs;
+  default True, except for ImageNet.
+* ``num_channels``, ``num_classes``, ``synthetic_train_size``,
+  ``synthetic_test_size``: the synthetic data's shape (defaults 3, 10, 1024,
+  256).
+
+`tf.data` combines shuffle seeds with TensorFlow's global seed, so a program
+that calls `tf.random.set_seed` must call it with the same value on resumption.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+KNOWN_DATASETS = ('cifar10', 'imagenet2012', 'digits', 'synthetic')
+SPLITS = ('train', 'test')
+
+# The TFDS split read for each of our splits: ImageNet's labelled held-out
+# split is called 'validation'.
+_TFDS_SPLITS = {
+  'cifar10': {'train': 'train', 'test': 'test'},
+  'imagenet2012': {'train': 'train', 'test': 'validation'},
+}
+
+# Keras' width_shift_range=0.1 on 32 pixels, rounded to whole pixels.
+CIFAR10_MAX_SHIFT = 3
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# The evaluation crop keeps image_size / (image_size + CROP_PADDING) of the
+# shorter side, as in the Inception and EfficientNet references.
+CROP_PADDING = 32
+
+DIGITS_TEST_SIZE = 360
+
+# ImageNet's encoded JPEGs (~150 GB) do not fit a host's memory, so it is only
+# cached when the config asks for it.
+_CACHE_BY_DEFAULT = {'cifar10': True, 'imagenet2012': False, 'digits': True, 'synthetic': True}
+
+Example = dict[str, tf.Tensor]
+
+
+def _hide_gpus_from_tf() -> None:
+  # The pipeline runs on the host; a TensorFlow that grabs the GPU would take
+  # the memory JAX needs. main.py does this too, before anything else.
+  # A RuntimeError means TensorFlow's devices are already initialized; there is
+  # nothing left to do here then.
+  with contextlib.suppress(RuntimeError):
+    tf.config.experimental.set_visible_devices([], 'GPU')
+
+
+_hide_gpus_from_tf()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Sizes and shapes of a dataset, for all processes together."""
+
+  num_train: int
+  num_test: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
+
+
+def _dataset_name(config: ml_collections.ConfigDict) -> str:
+  name = config.dataset
+  if name not in KNOWN_DATASETS:
+    raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(KNOWN_DATASETS)}.')
+  return name
+
+
+def _not_prepared_message(name: str, builder: tfds.core.DatasetBuilder) -> str:
+  # builder.data_dir is <root>/<name>/<version>; the commands want <root>.
+  root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+  prepare = (
+    'python -m tensorflow_datasets.scripts.download_and_prepare '
+    f'--datasets={name} --data_dir={root}'
+  )
+  if name == 'imagenet2012':
+    manual_dir = os.path.join(root, 'downloads', 'manual')
+    return (
+      f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). ImageNet cannot be '
+      'downloaded automatically: register at https://image-net.org/download-images, put '
+      f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}, then run\n'
+      f'  {prepare}\n'
+      'or point config.data_dir at the directory that holds the prepared dataset.'
+    )
+  return (
+    f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). Prepare it on a machine '
+    f'with network access with\n  {prepare}\n'
+    'and copy that directory here, or point config.data_dir at the directory that holds it.'
+  )
+
+
+def _tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """Returns the builder of a prepared TFDS dataset; fails fast otherwise."""
+  name = _dataset_name(config)
+  builder = tfds.builder(name, data_dir=config.get('data_dir'))
+  # Reading an unprepared builder would either fail deep inside TFDS or start a
+  # download; neither helps on a machine without network.
+  if not builder.is_prepared():
+    raise FileNotFoundError(_not_prepared_message(name, builder))
+  return builder
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
+
+
+@functools.cache
+def _digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """scikit-learn's digits as float32 images in [0, 1], split once and for all."""
+  # Imported here so that the TFDS datasets do not pay for scikit-learn.
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  train_x, test_x, train_y, test_y = train_test_split(
+    images, labels, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0
+  )
+  return {'train': (train_x, train_y), 'test': (test_x, test_y)}
+
+
+def _synthetic_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  size = config.get('image_size', 32)
+  return (size, size, config.get('num_channels', 3))
+
+
+def _synthetic_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return {
+    'train': config.get('synthetic_train_size', 1024),
+    'test': config.get('synthetic_test_size', 256),
+  }
+
+
+@functools.cache
+def _synthetic_arrays(
+  image_shape: tuple[int, int, int], num_classes: int, num_train: int, num_test: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Uniform uint8 images labelled by the argmax of a fixed random projection."""
+  # The data must not depend on config.seed: runs with different seeds should
+  # still be trained and evaluated on the same dataset.
+  rng = np.random.default_rng(0)
+  n = num_train + num_test
+  images = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+  projection = rng.standard_normal((math.prod(image_shape), num_classes), dtype=np.float32)
+  labels = np.empty(n, np.int32)
+  # Centred pixels make the classes about equally frequent. In chunks, so that a
+  # large synthetic ImageNet never needs a float copy of all images at once.
+  for start in range(0, n, 256):
+    chunk = images[start : start + 256].reshape(-1, projection.shape[0])
+    labels[start : start + 256] = np.argmax((chunk / 255.0 - 0.5) @ projection, axis=-1)
+  return {
+    'train': (images[:num_train], labels[:num_train]),
+    'test': (images[num_train:], labels[num_train:]),
+  }
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
+  """Returns the sizes and shapes of `config.dataset`."""
+  name = _dataset_name(config)
+  if name in _TFDS_SPLITS:
+    builder = _tfds_builder(config)
+    splits = _TFDS_SPLITS[name]
+    size = config.image_size if name == 'imagenet2012' else 32
+    return DatasetInfo(
+      num_train=builder.info.splits[splits['train']].num_examples,
+      num_test=builder.info.splits[splits['test']].num_examples,
+      num_classes=builder.info.features['label'].num_classes,
+      image_shape=(size, size, 3),
+    )
+  if name == 'digits':
+    arrays = _digits_arrays()
+    return DatasetInfo(
+      num_train=len(arrays['train'][1]),
+      num_test=len(arrays['test'][1]),
+      num_classes=10,
+      image_shape=arrays['train'][0].shape[1:],
+    )
+  sizes = _synthetic_sizes(config)
+  return DatasetInfo(
+    num_train=sizes['train'],
+    num_test=sizes['test'],
+    num_classes=config.get('num_classes', 10),
+    image_shape=_synthetic_shape(config),
+  )
+
+
+def steps_per_epoch(
+  config: ml_collections.ConfigDict, info: DatasetInfo, global_batch_size: int
+) -> int:
+  """`config.steps_per_epoch` if positive, else the full batches in the train split."""
+  steps = config.get('steps_per_epoch', -1)
+  if steps is not None and steps > 0:
+    return steps
+  steps = info.num_train // global_batch_size
+  if steps == 0:
+    raise ValueError(
+      f'batch_size={global_batch_size} exceeds the {info.num_train} training examples.'
+    )
+  return steps
+
+
+def steps_per_eval(
+  config: ml_collections.ConfigDict, info: DatasetInfo, global_batch_size: int
+) -> int:
+  """`config.steps_per_eval` if positive, else enough batches to cover the test split."""
+  steps = config.get('steps_per_eval', -1)
+  if steps is not None and steps > 0:
+    return steps
+  return math.ceil(info.num_test / global_batch_size)
+
+
+# --------------------------------------------------------------------------
+# Preprocessing. Train functions take a per-example stateless seed `key`
+# (int64 [2]); all return {'image': float32 [H, W, C], 'label': int32 []}.
+
+
+def _cifar10_train(example: Example, key: tf.Tensor, *, pixel_mean: np.ndarray) -> Example:
+  # Keras subtracts the mean image before ImageDataGenerator shifts it.
+  image = tf.cast(example['image'], tf.float32) / 255.0 - pixel_mean
+  shift_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  shift = tf.random.stateless_uniform(
+    [2], shift_key, minval=-CIFAR10_MAX_SHIFT, maxval=CIFAR10_MAX_SHIFT + 1, dtype=tf.int32
+  )
+  # A translation with fill_mode='nearest' reads every output pixel from the
+  # clipped source coordinate, which replicates the border pixels.
+  height, width = image.shape[0], image.shape[1]
+  rows = tf.clip_by_value(tf.range(height) - shift[0], 0, height - 1)
+  cols = tf.clip_by_value(tf.range(width) - shift[1], 0, width - 1)
+  image = tf.gather(tf.gather(image, rows, axis=0), cols, axis=1)
+  image = tf.image.stateless_random_flip_left_right(image, flip_key)
+  return {'image': image, 'label': example['label']}
+
+
+def _cifar10_eval(example: Example, *, pixel_mean: np.ndarray) -> Example:
+  image = tf.cast(example['image'], tf.float32) / 255.0 - pixel_mean
+  return {'image': image, 'label': example['label']}
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  image = tf.image.resize(image, [image_size, image_size], method='bicubic')
+  return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _normalize(image: tf.Tensor) -> tf.Tensor:
+  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+
+
+def _center_crop(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Decodes the padded center square of a JPEG and resizes it."""
+  shape = tf.io.extract_jpeg_shape(image_bytes)
+  height, width = shape[0], shape[1]
+  fraction = image_size / (image_size + CROP_PADDING)
+  crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+  crop = tf.maximum(crop, 1)
+  window = tf.stack([(height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop])
+  image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+  return _resize(image, image_size)
+
+
+def _random_crop(image_bytes: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Decodes an Inception-style random crop (8%-100% of the area) of a JPEG."""
+  shape = tf.io.extract_jpeg_shape(image_bytes)
+  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    bounding_boxes=whole_image,
+    seed=key,
+    min_object_covered=0.1,
+    aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+    area_range=(0.08, 1.0),
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
+  # The op returns the whole image when no attempt met the constraints; the
+  # references then fall back to the evaluation crop rather than squash it.
+  found = tf.reduce_any(tf.not_equal(size[:2], shape[:2]))
+
+  def crop() -> tf.Tensor:
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return _resize(tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3), image_size)
+
+  return tf.cond(found, crop, lambda: _center_crop(image_bytes, image_size))
+
+
+def _imagenet_train(example: Example, key: tf.Tensor, *, image_size: int) -> Example:
+  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  image = _random_crop(example['image'], crop_key, image_size)
+  image = tf.image.stateless_random_flip_left_right(image, flip_key)
+  return {'image': _normalize(image), 'label': example['label']}
+
+
+def _imagenet_eval(example: Example, *, image_size: int) -> Example:
+  image = _center_crop(example['image'], image_size)
+  return {'image': _normalize(image), 'label': example['label']}
+
+
+def _to_float(example: Example, key: tf.Tensor | None = None) -> Example:
+  del key  # Digits and synthetic data are not augmented.
+  image = example['image']
+  if image.dtype == tf.uint8:
+    image = tf.cast(image, tf.float32) / 255.0
+  return {'image': image, 'label': example['label']}
+
+
+# --------------------------------------------------------------------------
+# Sources: one process's slice of a split, before preprocessing.
+
+
+def _process_slice(n: int, index: int, count: int) -> slice:
+  """The `index`-th of `count` contiguous near-equal parts of range(n), as TFDS splits."""
+  return slice(index * n // count, (index + 1) * n // count)
+
+
+@functools.cache
+def _cifar10_pixel_mean(data_dir: str | None) -> np.ndarray:
+  """The mean training image in [0, 1], [32, 32, 3]: over the whole split, all processes."""
+  builder = tfds.builder('cifar10', data_dir=data_dir)
+  ds = builder.as_dataset(split='train', read_config=tfds.ReadConfig(try_autocache=False))
+  ds = ds.map(lambda ex: tf.cast(ex['image'], tf.float64), num_parallel_calls=tf.data.AUTOTUNE)
+  # Sum per batch in float64 so that 50k images lose no precision.
+  ds = ds.batch(1024).map(lambda x: (tf.reduce_sum(x, axis=0), tf.shape(x)[0]))
+  total, count = np.zeros([32, 32, 3], np.float64), 0
+  for batch_sum, batch_count in ds.as_numpy_iterator():
+    total += batch_sum
+    count += int(batch_count)
+  return (total / count / 255.0).astype(np.float32)
+
+
+# Cached TFDS sources, kept across calls so that the in-memory `cache()` is
+# filled once and reused by every later epoch and evaluation.
+_CACHED_SOURCES: dict[tuple[Any, ...], tf.data.Dataset] = {}
+
+
+def _tfds_source(
+  config: ml_collections.ConfigDict, split: str, *, cache: bool, file_seed: int
+) -> tf.data.Dataset:
+  name = _dataset_name(config)
+  builder = _tfds_builder(config)
+  key = (name, os.fspath(builder.data_dir), split, jax.process_index(), jax.process_count())
+  if cache and key in _CACHED_SOURCES:
+    return _CACHED_SOURCES[key]
+  # Shuffling files only helps when the records are read again every epoch; a
+  # cached source is read once, in file order, and shuffled afterwards.
+  shuffle_files = split == 'train' and not cache
+  ds = builder.as_dataset(
+    split=tfds.split_for_jax_process(_TFDS_SPLITS[name][split]),
+    shuffle_files=shuffle_files,
+    # ImageNet is decoded after cropping: decoding only the crop is cheaper.
+    decoders={'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None,
+    read_config=tfds.ReadConfig(
+      shuffle_seed=file_seed if shuffle_files else None,
+      try_autocache=False,
+      skip_prefetch=True,
+    ),
+  )
+  ds = ds.map(
+    lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)},
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  if cache:
+    ds = ds.cache()
+    _CACHED_SOURCES[key] = ds
+  return ds
+
+
+def _array_source(config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
+  if config.dataset == 'digits':
+    arrays = _digits_arrays()
+  else:
+    sizes = _synthetic_sizes(config)
+    arrays = _synthetic_arrays(
+      _synthetic_shape(config), config.get('num_classes', 10), sizes['train'], sizes['test']
+    )
+  images, labels = arrays[split]
+  local = _process_slice(len(labels), jax.process_index(), jax.process_count())
+  return tf.data.Dataset.from_tensor_slices({'image': images[local], 'label': labels[local]})
+
+
+def _preprocess_fns(
+  config: ml_collections.ConfigDict,
+) -> tuple[Callable[[Example, tf.Tensor], Example], Callable[[Example], Example]]:
+  """The (train, eval) preprocessing functions of `config.dataset`."""
+  name = _dataset_name(config)
+  if name == 'cifar10':
+    pixel_mean = _cifar10_pixel_mean(config.get('data_dir'))
+    return (
+      functools.partial(_cifar10_train, pixel_mean=pixel_mean),
+      functools.partial(_cifar10_eval, pixel_mean=pixel_mean),
+    )
+  if name == 'imagenet2012':
+    return (
+      functools.partial(_imagenet_train, image_size=config.image_size),
+      functools.partial(_imagenet_eval, image_size=config.image_size),
+    )
+  return _to_float, _to_float
+
+
+# --------------------------------------------------------------------------
+# Batching.
+
+
+def _epoch_seeds(config: ml_collections.ConfigDict, epoch: int) -> tuple[int, int, np.ndarray]:
+  """(shuffle seed, file seed, augmentation key) of one epoch on this process."""
+  # SeedSequence mixes its entropy well, so neighbouring epochs and seeds give
+  # unrelated streams. The process index keeps processes from augmenting their
+  # n-th examples alike.
+  state = np.random.SeedSequence(
+    [int(config.seed) % 2**32, epoch, jax.process_index()]
+  ).generate_state(4, dtype=np.uint32)
+  return int(state[0]), int(state[1]), state[2:].astype(np.int64)
+
+
+def _shard(batch: Example, num_local_devices: int) -> Example:
+  return {k: tf.reshape(v, [num_local_devices, -1, *v.shape[1:]]) for k, v in batch.items()}
+
+
+def _finish(ds: tf.data.Dataset, num_local_devices: int) -> Iterator[dict[str, np.ndarray]]:
+  ds = ds.map(functools.partial(_shard, num_local_devices=num_local_devices))
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).as_numpy_iterator()
+
+
+def create_input_iter(
+  config: ml_collections.ConfigDict,
+  split: str,
+  *,
+  epoch: int,
+  global_batch_size: int,
+  num_local_devices: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Returns an iterator over one epoch of this process's batches of `split`.
+
+  Args:
+    config: the experiment config; see the module docstring for the fields read.
+    split: 'train' or 'test'.
+    epoch: the epoch number; the train order and augmentation depend only on it
+      and `config.seed`. Ignored for 'test'.
+    global_batch_size: examples per step over all processes and devices.
+    num_local_devices: leading dimension of the batches; defaults to
+      `jax.local_device_count()`.
+
+  Returns:
+    An iterator of numpy dicts with 'image' float32 [num_local_devices,
+    per_device, H, W, C] and 'label' int32 [num_local_devices, per_device];
+    'test' batches also have 'mask' float32 [num_local_devices, per_device],
+    0 on the padding after the last test example. 'train' yields
+    `steps_per_epoch` batches, 'test' `steps_per_eval`.
+
+  Raises:
+    ValueError: for an unknown dataset or split, or a batch size that the
+      devices do not divide.
+    FileNotFoundError: if a TFDS dataset has not been prepared in
+      `config.data_dir`; the message says how to prepare it.
+  """
+  name = _dataset_name(config)
+  _check_split(split)
+  if num_local_devices is None:
+    num_local_devices = jax.local_device_count()
+  num_devices = jax.process_count() * num_local_devices
+  if global_batch_size <= 0 or global_batch_size % num_devices:
+    raise ValueError(
+      f'batch_size={global_batch_size} must be a positive multiple of the device count '
+      f'{num_devices} ({jax.process_count()} processes x {num_local_devices} local devices).'
+    )
+  local_batch_size = global_batch_size // jax.process_count()
+  info = dataset_info(config)
+  cache = config.get('cache', _CACHE_BY_DEFAULT[name])
+  shuffle_seed, file_seed, augment_key = _epoch_seeds(config, epoch)
+  train_fn, eval_fn = _preprocess_fns(config)
+
+  if name in _TFDS_SPLITS:
+    ds = _tfds_source(config, split, cache=cache, file_seed=file_seed)
+  else:
+    ds = _array_source(config, split)
+
+  if split == 'train':
+    shuffle_buffer = config.get('shuffle_buffer')
+    if shuffle_buffer is None:
+      # A full shuffle, as Keras does every epoch, wherever the split fits in
+      # memory; ImageNet gets the buffer of the Flax example.
+      if name == 'imagenet2012':
+        shuffle_buffer = 16 * local_batch_size
+      else:
+        shuffle_buffer = math.ceil(info.num_train / jax.process_count())
+    # With a fixed seed, reshuffling gives each pass of the repeat below its own
+    # deterministic order; it only matters when steps_per_epoch asks for more
+    # than one pass.
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    # The position in the epoch makes each example's augmentation a function
+    # of (seed, epoch, position) alone, independent of threads and timing.
+    ds = ds.enumerate()
+    ds = ds.map(
+      lambda i, ex: train_fn(ex, tf.random.experimental.stateless_fold_in(augment_key, i)),
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    ds = ds.take(steps_per_epoch(config, info, global_batch_size))
+    return _finish(ds, num_local_devices)
+
+  def with_mask(example: Example) -> Example:
+    return {**eval_fn(example), 'mask': tf.constant(1.0, tf.float32)}
+
+  ds = ds.map(with_mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Endless all-zero examples with mask 0 fill the last batch (and any batch
+  # past the end of this process's slice), so every test example is counted
+  # exactly once and every process runs the same number of steps.
+  padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  ds = ds.take(steps_per_eval(config, info, global_batch_size))
+  return _finish(ds, num_local_devices)
