@@ -1,0 +1,80 @@
+"""Fields shared by every trainer config, with neutral defaults.
+
+The recipe configs (`digits.py`, `cifar10_resnet20.py`, `imagenet_efficientnet_b0.py`)
+start from `get_config()` here and set what their recipe needs. Top-level optimizer
+fields are the recipe of `config.optimizer`; `config.optimizers.<name>` overrides them
+whenever `<name>` is the optimizer trained (by `--config.optimizer=<name>` or by
+`examples.compare`), so each baseline keeps its own recipe.
+"""
+
+import ml_collections
+
+# The step multipliers of SGD-SA (Fischetti & Stringher): its learning-rate set H.
+SGD_SA_MULTIPLIERS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The shared fields; see the comments for their meaning."""
+  config = ml_collections.ConfigDict()
+
+  # Model and data.
+  config.model = 'cnn'  # 'cnn', 'resnet20' or 'efficientnet_b0'.
+  config.dataset = 'digits'  # 'digits', 'cifar10', 'imagenet2012' or 'synthetic'.
+  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir.
+  config.num_classes = 10
+  config.image_size = 8
+  config.num_channels = 1  # Synthetic data only.
+  config.label_smoothing = 0.0
+
+  # Length of a run. steps_per_epoch / steps_per_eval = -1: derived from the dataset.
+  config.batch_size = 32  # Global, over all processes and devices.
+  config.num_epochs = 10
+  config.steps_per_epoch = -1
+  config.steps_per_eval = -1
+  config.seed = 0
+
+  # Optimizer: 'coolmomentum', 'momentum', 'adam', 'rmsprop', 'sgd_sa' or
+  # 'metropolis_coolmomentum'.
+  config.optimizer = 'coolmomentum'
+  config.learning_rate = 0.01
+  # CoolMomentum: rho cools from rho_0 to 0 over num_epochs x steps_per_epoch steps,
+  # after warmup_epochs epochs of rho = 0.
+  config.rho_0 = 0.99
+  config.cooling = 'exponential'  # 'exponential', 'linear' or 'friction'.
+  config.warmup_epochs = 0.0
+  # Momentum of the 'momentum' and 'rmsprop' baselines.
+  config.momentum = 0.9
+  # Learning-rate schedule of the baselines: 'constant'; 'piecewise' (x lr_scales[i]
+  # from epoch lr_boundaries[i] on); 'exponential' (linear warm-up over
+  # lr_warmup_epochs, then x lr_decay_rate every lr_decay_epochs, staircase).
+  config.lr_schedule = 'constant'
+  config.lr_boundaries = ()
+  config.lr_scales = ()
+  config.lr_warmup_epochs = 0.0
+  config.lr_decay_epochs = 2.4
+  config.lr_decay_rate = 0.97
+  # RMSProp: mean-square decay and the epsilon added inside the square root.
+  config.rmsprop_decay = 0.9
+  config.rmsprop_eps = 1e-3
+  # Coupled weight decay (weight_decay * w added to the gradient) on every kernel.
+  config.weight_decay = 0.0
+  # Keras-style l2_regularization * sum(w**2) of every convolution kernel, in the loss.
+  config.l2_regularization = 0.0
+  # Metropolis optimizers: temperature T_0, multiplied by metropolis_cooling after
+  # every epoch, and the set of step multipliers drawn uniformly.
+  config.metropolis_temperature = 1.0
+  config.metropolis_cooling = 0.8
+  config.metropolis_multipliers = (1.0,)
+  # Per-optimizer overrides of the fields above. SGD-SA is plain SGD whose learning
+  # rate is drawn from H at every step, so its base rate is 1.
+  config.optimizers = ml_collections.ConfigDict()
+  config.optimizers.sgd_sa = ml_collections.ConfigDict(
+    {'learning_rate': 1.0, 'lr_schedule': 'constant', 'metropolis_multipliers': SGD_SA_MULTIPLIERS}
+  )
+
+  # Execution.
+  config.half_precision = False  # bfloat16 computation; parameters stay float32.
+  config.parallelism = 'pmap'  # 'pmap' or 'jit' (a sharded jit over a 1-D mesh).
+  config.checkpoint_max_to_keep = 3
+  config.progress_bar = True
+  return config

@@ -1,0 +1,74 @@
+"""Trains one config: parses flags, sets up (multi-process) JAX and calls the trainer.
+
+  python -m examples.main --config examples/configs/digits.py --workdir /tmp/digits
+  python -m examples.main --config examples/configs/cifar10_resnet20.py \
+    --config.num_epochs=1 --workdir /tmp/cifar10
+
+Several processes (hosts, or processes on one machine talking over loopback):
+
+  python -m examples.main ... --coordinator_address=localhost:1234 \
+    --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
+
+Without these flags JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...)
+sets them where it applies; otherwise the run is a single process.
+"""
+
+import jax
+import tensorflow as tf
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from examples import train
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and curves.')
+config_flags.DEFINE_config_file(
+  'config', None, 'A config file, e.g. examples/configs/digits.py.', lock_config=True
+)
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'Index of this process, from 0.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+  """Starts multi-process JAX when flags or a detected cluster ask for it.
+
+  Must run before anything touches the devices.
+  """
+  # CPU processes exchange collectives over gloo (TCP), so that several processes on
+  # one machine, or CPU-only hosts, can train together; other backends ignore it.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  given = (coordinator_address, num_processes, process_id)
+  if any(value is not None for value in given):
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return
+  try:
+    # With nothing given, JAX looks for a cluster it knows and fails if none is found.
+    jax.distributed.initialize()
+  except ValueError as error:
+    logging.info('No cluster detected (%s); running as a single process.', error)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # TensorFlow only feeds data; it must not take GPU memory from JAX.
+  tf.config.experimental.set_visible_devices([], 'GPU')
+  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info(
+    'Process %d of %d, %d local devices of %d: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+  )
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
