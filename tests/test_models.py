@@ -1,0 +1,260 @@
+"""Tests for the example models: sizes, dtypes, train/eval behaviour and the L2 mask."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+
+from examples import models
+
+
+def _abstract_variables(name, num_classes, shape, dtype=jnp.float32):
+  """Shapes and dtypes of the variables, without running the initialisers."""
+  model = models.get_model(name, num_classes, dtype)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+
+
+def _size(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _variables(name, shape, seed=0):
+  """Variables with He-scaled random kernels, drawn in NumPy.
+
+  Compiling Flax's initialisers for EfficientNet takes longer on CPU than all the other tests
+  together; the initialisers themselves are Flax's, so here only the shapes come from `init`.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    if path[-1].key == 'kernel':
+      fan_in = int(np.prod(x.shape[:-1]))
+      return jnp.asarray(rng.normal(size=x.shape) * np.sqrt(2.0 / fan_in), x.dtype)
+    if path[-1].key in ('scale', 'var'):
+      return jnp.ones(x.shape, x.dtype)
+    return jnp.zeros(x.shape, x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, _abstract_variables(name, 10, shape))
+
+
+@pytest.mark.parametrize(
+  'name, num_classes, shape, num_params, num_stats',
+  [
+    ('resnet20', 10, (1, 32, 32, 3), 273_066, 1_376),
+    ('efficientnet_b0', 1000, (1, 224, 224, 3), 5_288_548, 42_016),
+    ('efficientnet_b0', 1000, (1, 32, 32, 3), 5_288_548, 42_016),
+    ('efficientnet_b0', 1000, (1, 33, 47, 3), 5_288_548, 42_016),
+    ('cnn', 10, (1, 8, 8, 1), 85_162, 192),
+  ],
+)
+def test_parameter_and_statistic_counts(name, num_classes, shape, num_params, num_stats):
+  variables = _abstract_variables(name, num_classes, shape)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert _size(variables['params']) == num_params
+  assert _size(variables['batch_stats']) == num_stats
+
+
+def test_cnn_is_small():
+  assert _size(_abstract_variables('cnn', 10, (1, 8, 8, 1))['params']) < 100_000
+
+
+@pytest.mark.parametrize(
+  'name, shape',
+  [('resnet20', (2, 32, 32, 3)), ('efficientnet_b0', (2, 32, 32, 3)), ('cnn', (2, 8, 8, 1))],
+)
+def test_output_shape_and_dtype(name, shape):
+  model = models.get_model(name, 10)
+  variables = _variables(name, shape)
+  x = jax.random.normal(jax.random.key(1), shape)
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  assert logits.shape == (2, 10)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize(
+  'name, shape',
+  [('resnet20', (2, 32, 32, 3)), ('efficientnet_b0', (2, 32, 32, 3)), ('cnn', (2, 8, 8, 1))],
+)
+def test_bfloat16_compute_keeps_float32_params_and_logits(name, shape):
+  model = models.get_model(name, 10, jnp.bfloat16)
+  variables = _abstract_variables(name, 10, shape, jnp.bfloat16)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  rngs = {'dropout': jax.random.key(0)}
+  for train in (False, True):
+    logits, updates = jax.eval_shape(
+      functools.partial(model.apply, train=train, mutable=['batch_stats'], rngs=rngs),
+      variables,
+      jnp.zeros(shape),
+    )
+    assert logits.dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_cnn_runs_close_to_float32():
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  variables = _variables('cnn', x.shape)
+  full = jax.jit(functools.partial(models.get_model('cnn', 10).apply, train=False))(variables, x)
+  half_model = models.get_model('cnn', 10, jnp.bfloat16)
+  half = jax.jit(functools.partial(half_model.apply, train=False))(variables, x)
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(half, full, atol=0.1, rtol=0.1)
+
+
+def test_efficientnet_train_mode_updates_stats_and_uses_dropout():
+  model = models.get_model('efficientnet_b0', 10)
+  variables = _variables('efficientnet_b0', (2, 32, 32, 3))
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+  @jax.jit
+  def train_apply(key):
+    return model.apply(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': key})
+
+  logits_a, updates = train_apply(jax.random.key(2))
+  logits_b, _ = train_apply(jax.random.key(3))
+  eval_logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+
+  old = traverse_util.flatten_dict(variables['batch_stats'])
+  new = traverse_util.flatten_dict(updates['batch_stats'])
+  assert old.keys() == new.keys()
+  assert len(old) == 98  # (mean, var) for each of the 49 BatchNorms.
+  # Every running variance moves. Some running means rightly stay at zero: a bias-free 1x1
+  # expansion fed by a train-mode BatchNorm (whose offset is zero at init) has zero batch mean.
+  assert all(not np.allclose(old[k], new[k]) for k in old if k[-1] == 'var')
+  assert not np.allclose(logits_a, eval_logits)
+  assert not np.allclose(logits_a, logits_b)  # Dropout and stochastic depth draw from the rng.
+
+
+def test_stochastic_depth_drops_whole_examples():
+  block = models.MBConvBlock(
+    filters_in=8,
+    filters_out=8,
+    kernel_size=3,
+    strides=1,
+    expand_ratio=2,
+    norm=functools.partial(nn.BatchNorm, use_running_average=False),
+    drop_rate=0.5,
+  )
+  x = jax.random.normal(jax.random.key(0), (64, 4, 4, 8))
+  variables = jax.jit(functools.partial(block.init, train=False))(jax.random.key(1), x)
+  apply = jax.jit(functools.partial(block.apply, mutable=['batch_stats']), static_argnames='train')
+  y, _ = apply(variables, x, train=True, rngs={'dropout': jax.random.key(2)})
+  # A dropped example passes through unchanged; a kept one gets its branch added.
+  dropped = np.all(np.asarray(y == x), axis=(1, 2, 3))
+  changed = np.all(np.asarray(y != x), axis=(1, 2, 3))
+  assert np.all(dropped | changed)
+  assert 16 < dropped.sum() < 48
+  # At inference the block is deterministic and keeps the branch.
+  y_eval, _ = apply(variables, x, train=False)
+  assert not np.any(np.all(np.asarray(y_eval == x), axis=(1, 2, 3)))
+
+
+def test_resnet20_conv_kernel_mask():
+  params = _abstract_variables('resnet20', 10, (1, 32, 32, 3))['params']
+  mask = models.conv_kernel_mask(params)
+  assert jax.tree.structure(mask) == jax.tree.structure(params)
+
+  flat = {
+    jax.tree_util.keystr(p): (m, x)
+    for (p, m), x in zip(
+      jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params), strict=True
+    )
+  }
+  selected = [x.shape for m, x in flat.values() if m]
+  assert len(selected) == 21
+  assert sum(s[:2] == (3, 3) for s in selected) == 19
+  assert sum(s[:2] == (1, 1) for s in selected) == 2
+  assert all(len(s) == 4 for s in selected)
+  # Not selected: the Dense kernel, every bias and every BatchNorm scale/bias.
+  assert not flat["['head']['kernel']"][0]
+  for path, (m, _) in flat.items():
+    if not path.endswith("['kernel']"):
+      assert not m, path
+
+
+def test_conv_kernel_mask_selects_exactly_the_4d_kernels():
+  for name, shape in [('efficientnet_b0', (1, 32, 32, 3)), ('cnn', (1, 8, 8, 1))]:
+    variables = _abstract_variables(name, 10, shape)
+    mask = models.conv_kernel_mask(variables)  # Also works on the whole variables dict.
+    for m, x in zip(
+      jax.tree.leaves(mask['params']), jax.tree.leaves(variables['params']), strict=True
+    ):
+      assert m == (x.ndim == 4)
+    assert not any(jax.tree.leaves(mask['batch_stats']))
+
+
+def test_conv_kernel_mask_with_optax():
+  params = _variables('cnn', (1, 8, 8, 1))['params']
+  tx = optax.add_decayed_weights(1.0, mask=models.conv_kernel_mask)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  np.testing.assert_array_equal(updates['conv1']['kernel'], params['conv1']['kernel'])
+  np.testing.assert_array_equal(updates['head']['kernel'], 0.0)
+
+
+def test_batch_norm_axis_name_averages_across_devices():
+  # vmap with an axis name stands in for pmap: BatchNorm must use the statistics of all shards.
+  # The shards differ in scale, so per-shard statistics would give different results.
+  scales = np.arange(1.0, 5.0).reshape(4, 1, 1, 1, 1)
+  x = np.random.default_rng(1).normal(size=(4, 8, 8, 8, 1)).astype(np.float32) * scales
+  variables = _variables('cnn', (1, 8, 8, 1))
+  sharded = models.get_model('cnn', 10, axis_name='batch')
+  apply = functools.partial(sharded.apply, train=True, mutable=['batch_stats'])
+  logits, updates = jax.jit(jax.vmap(apply, in_axes=(None, 0), axis_name='batch'))(variables, x)
+  full_apply = functools.partial(
+    models.get_model('cnn', 10).apply, train=True, mutable=['batch_stats']
+  )
+  full_logits, full_updates = jax.jit(full_apply)(variables, x.reshape(32, 8, 8, 1))
+  np.testing.assert_allclose(logits.reshape(32, 10), full_logits, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(full_updates), strict=True):
+    np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-6)
+
+
+def test_cnn_learns_digits():
+  datasets = pytest.importorskip('sklearn.datasets')
+  images, labels = datasets.load_digits(return_X_y=True)
+  images = (images / 16.0).reshape(-1, 8, 8, 1).astype(np.float32)
+  perm = np.random.default_rng(0).permutation(len(images))
+  test, train = perm[:360], perm[360:]
+
+  model = models.get_model('cnn', 10)
+  variables = model.init(jax.random.key(0), images[:1], train=False)
+  tx = optax.sgd(0.05, momentum=0.9)
+  opt_state = tx.init(variables['params'])
+
+  @jax.jit
+  def step(variables, opt_state, x, y):
+    def loss_fn(params):
+      logits, updates = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+
+    grads, updates = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    deltas, opt_state = tx.update(grads, opt_state, variables['params'])
+    params = optax.apply_updates(variables['params'], deltas)
+    return {'params': params, **updates}, opt_state
+
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    order = rng.permutation(train)
+    for i in range(0, len(order) - 63, 64):
+      batch = order[i : i + 64]
+      variables, opt_state = step(variables, opt_state, images[batch], labels[batch])
+  logits = model.apply(variables, images[test], train=False)
+  assert np.mean(np.argmax(logits, -1) == labels[test]) > 0.95
+
+
+def test_unknown_model_name():
+  with pytest.raises(ValueError, match='resnet21') as info:
+    models.get_model('resnet21', 10)
+  for known in ('name', 'resnet20', 'efficientnet_b0', 'cnn'):
+    assert known in str(info.value)
