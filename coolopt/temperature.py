@@ -70,11 +70,26 @@ def track_temperature() -> optax.GradientTransformationExtraArgs:
     del params
     leaves = jax.tree.leaves(updates)
     size = sum(leaf.size for leaf in leaves)
-    sum_of_squares = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
+    sum_of_squares = sum(jnp.sum(jnp.square(_as_stored_float32(leaf))) for leaf in leaves)
     temperature = jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
     return updates, TemperatureState(optax.safe_increment(state.count), temperature)
 
   return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
+
+
+def _as_stored_float32(update: chex.Array) -> chex.Array:
+  """`update` in float32, with the rounding to its own dtype kept.
+
+  Under `jax.jit`, XLA may fuse a bfloat16 or float16 update with its producer and
+  skip the rounding (excess precision), so the temperature would be that of the
+  unrounded update rather than of the one returned and applied. (`reduce_precision`
+  flushes float16 subnormals, below 6.1e-5, to zero: their squares do not count.)
+  """
+  value = update.astype(jnp.float32)
+  if jnp.issubdtype(update.dtype, jnp.floating) and jnp.finfo(update.dtype).bits < 32:
+    info = jnp.finfo(update.dtype)
+    value = jax.lax.reduce_precision(value, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  return value
 
 
 def temperature(opt_state: Any) -> chex.Array:
