@@ -151,21 +151,24 @@ def test_rejection_rolls_back_and_acceptance_applies_inner_step(inner):
   params = {'w': jnp.array([1.0, -2.0, 3.0]), 'b': jnp.array(0.5)}
   grads = [jax.tree.map(lambda p, i=i: (i + 1.0) * p - 0.25, params) for i in range(4)]
   improve = lambda _: jnp.float32(-1.0)  # noqa: E731
-  worsen = lambda _: jnp.float32(jnp.inf)  # noqa: E731
 
   state = opt.init(params)
   for g in grads[:2]:  # Fill the momentum buffer.
     _, state = opt.update(g, state, params, value=0.0, value_fn=improve)
   assert bool(state.accepted)
 
-  before = state
-  updates, state = opt.update(grads[2], state, params, value=0.0, value_fn=worsen)
-  assert not bool(state.accepted)
-  _assert_bitwise_equal(updates, jax.tree.map(jnp.zeros_like, params))
-  assert not any(np.signbit(u).any() for u in jax.tree.leaves(updates))
-  _assert_bitwise_equal(state.inner_state, before.inner_state)
-  assert int(state.count) == int(before.count) + 1
-  assert int(state.num_accepted) == int(before.num_accepted)
+  # A finite worsening with exp(-1000) == 0, then a non-finite candidate.
+  for candidate in (1000.0, np.inf):
+    before = state
+    updates, state = opt.update(
+      grads[2], state, params, value=0.0, value_fn=lambda _, c=candidate: jnp.float32(c)
+    )
+    assert not bool(state.accepted)
+    _assert_bitwise_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    assert not any(np.signbit(u).any() for u in jax.tree.leaves(updates))
+    _assert_bitwise_equal(state.inner_state, before.inner_state)
+    assert int(state.count) == int(before.count) + 1
+    assert int(state.num_accepted) == int(before.num_accepted)
   cooling = _find(state.inner_state, coolopt.CoolMomentumState)
   if cooling is not None:  # The cooling schedule did not advance.
     assert int(cooling.count) == 2
@@ -416,9 +419,9 @@ def test_missing_value_or_value_fn_is_a_type_error():
   params = jnp.zeros(2)
   for tx in (opt, chained):
     state = tx.init(params)
-    with pytest.raises(TypeError, match='value_fn'):
+    with pytest.raises(TypeError, match="'value_fn'"):
       tx.update(params, state, params, value=0.0)
-    with pytest.raises(TypeError, match='value'):
+    with pytest.raises(TypeError, match="'value'"):
       tx.update(params, state, params, value_fn=_quadratic)
   with pytest.raises(ValueError, match='params'):
     opt.update(params, opt.init(params), None, value=0.0, value_fn=_quadratic)
