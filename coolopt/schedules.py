@@ -51,9 +51,12 @@ def _cooling_schedule(
     if total_steps is None:
       rho = jnp.full_like(n, rho0)
     else:
-      # rho_S == 0 and rho stays 0 after S; evaluating past t = 1 would overflow
-      # (c**(1 - t) is inf for the friction schedule a few S past S) and give NaN.
-      t = jnp.minimum(n / _as_float(total_steps), 1.0)
+      # t = n * (1/S) rather than n / S: XLA rewrites division by a constant S as
+      # this product, so a concrete and a traced S (`inject_hyperparams`) agree
+      # bitwise. t is held at exactly 1 from S on: rho_S == 0 whatever the rounding,
+      # and c**(1 - t) of the friction schedule cannot overflow to NaN later.
+      total = _as_float(total_steps)
+      t = jnp.where(n >= total, 1.0, n * (1.0 / total))
       rho = jnp.maximum(0.0, rho_of_step(t, rho0))
     # Warm-up zeroes rho before W and leaves the schedule unshifted after it.
     return jnp.where(n < _as_float(warmup_steps), jnp.zeros_like(rho), rho)
