@@ -20,15 +20,16 @@ class TemperatureState(NamedTuple):
   Attributes:
     count: number of updates seen (int32).
     temperature: the rescaled temperature :math:`T \\Delta t^2` of the last update
-      (float32): the mean over all parameters of the squared update.
+      at which it was computed (float32): the mean over all parameters of the
+      squared update.
   """
 
   count: chex.Array
   temperature: chex.Array
 
 
-def track_temperature() -> optax.GradientTransformationExtraArgs:
-  r"""Records the rescaled temperature of each update; the updates pass unchanged.
+def track_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationExtraArgs:
+  r"""Records the rescaled temperature of the updates; the updates pass unchanged.
 
   Place it last in a chain, so that it sees the final displacement
   :math:`\Delta x_{n+1}` that is added to the parameters (for CoolMomentum, the
@@ -40,8 +41,16 @@ def track_temperature() -> optax.GradientTransformationExtraArgs:
 
   Averaged over the steps of an epoch, this is paper Eq. 22, the quantity the
   paper plots to show that CoolMomentum anneals while Adam and momentum quench.
-  Read it with :func:`coolopt.temperature`. The mean is computed in float32 in the
-  same pass over the updates as the optimizer's own arithmetic under `jax.jit`.
+  Read it with :func:`coolopt.temperature`. The mean is computed in float32.
+
+  It costs one more read of the updates per step: XLA's CPU backend does not fuse
+  a reduction into the loop that produces its operand. A momentum SGD or
+  CoolMomentum step makes six passes over parameter-sized arrays, so on CPU it
+  takes a fifth to a third longer with the temperature (``docs/benchmarks.md``).
+  With ``every=k`` the mean is computed at steps :math:`0, k, 2k, \\dots` only,
+  under `jax.lax.cond`, and the last value is kept in between: the extra read is
+  paid once in :math:`k` steps, and an average over an epoch becomes an average
+  over the sampled steps.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -55,23 +64,41 @@ def track_temperature() -> optax.GradientTransformationExtraArgs:
     >>> print(coolopt.temperature(state))  # (0.25 + 1 + 2.25 + 4) / 4
     1.875
 
+  Args:
+    every: compute the temperature at every ``every``-th update (an integer
+      :math:`\\geq 1`), counting from the first; 1 computes it at every update.
+
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
   References:
     Borysenko & Byshkin, Sci. Rep. 11, 10705 (2021), Eq. 22 and Fig. 1c.
   """
+  _checks.check_range('every', every, lower=1.0, upper=None)
+  if _checks.is_concrete_number(every) and float(every) != int(every):
+    raise ValueError(f'every must be an integer >= 1, got every={every!r}.')
+  # A concrete 1 needs no branch; a traced `every` (inside `inject_hyperparams`)
+  # cannot be tested in Python and goes through `lax.cond`.
+  always = _checks.is_concrete_number(every) and int(every) == 1
 
   def init_fn(params: optax.Params) -> TemperatureState:
     del params
     return TemperatureState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def mean_square(updates: optax.Updates) -> chex.Array:
     leaves = jax.tree.leaves(updates)
     size = sum(leaf.size for leaf in leaves)
     sum_of_squares = sum(jnp.sum(jnp.square(_as_stored_float32(leaf))) for leaf in leaves)
-    temperature = jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
+    return jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
+
+  def update_fn(updates, state, params=None):
+    del params
+    if always:
+      temperature = mean_square(updates)
+    else:
+      temperature = jax.lax.cond(
+        state.count % every == 0, mean_square, lambda _: state.temperature, updates
+      )
     return updates, TemperatureState(optax.safe_increment(state.count), temperature)
 
   return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
