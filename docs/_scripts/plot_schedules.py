@@ -12,7 +12,9 @@ Run by `docs/conf.py` when the site is built; also runs on its own:
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -51,7 +53,11 @@ def plot_schedules(path: str | Path, rho_0: float = RHO_0, total_steps: int = TO
   for ax in (ax_rho, ax_temp, ax_log):
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.savefig(path, dpi=110)
+  # Written whole, then moved into place: two builds at once never read half a file.
+  with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.png', delete=False) as file:
+    fig.savefig(file, format='png', dpi=110)
+  os.chmod(file.name, 0o644)  # Not the 0o600 of a temporary file.
+  os.replace(file.name, path)
   return path
 
 
