@@ -87,6 +87,8 @@ def test_site_builds_without_warnings(site):
   assert (site / 'index.html').is_file()
   for page in ('method', 'api', 'reproducing', 'howto/optax', 'notebooks/quickstart'):
     assert (site / f'{page}.html').is_file(), page
+  # The benchmarks page is part of the site as soon as it is written.
+  assert (site / 'benchmarks.html').is_file() == (DOCS / 'benchmarks.md').is_file()
 
 
 def test_api_page_documents_every_public_name(site):
