@@ -415,9 +415,9 @@ def train_step(
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a (per-device under `pmap`, global under `jit`) batch.
 
-  A step whose averaged loss or gradients are not finite changes neither the
-  parameters, nor the optimizer state, nor the batch statistics; it is counted in
-  the 'skipped' metric.
+  A step whose averaged loss, gradients or updates are not finite changes neither
+  the parameters, nor the optimizer state, nor the batch statistics; it is counted
+  in the 'skipped' metric.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
@@ -453,8 +453,10 @@ def train_step(
   )
   params = optax.apply_updates(state.params, updates)
 
-  # After the pmean the flag is the same on every replica, so they stay in step.
-  finite = jnp.isfinite(loss) & _all_finite(grads)
+  # After the pmean the flag is the same on every replica, so they stay in step. An
+  # overflowing update (finite gradients, too large a step) is refused as well: it
+  # would leave parameters that no later step could repair.
+  finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
 
   def keep_if_finite(new, old):
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
