@@ -737,7 +737,14 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> tup
   if latest is None:
     return state, 0
   target = {'epoch': np.zeros([], np.int32), 'state': state}
-  restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+  try:
+    restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+  except ValueError as error:
+    raise ValueError(
+      f'The checkpoint {latest} in {manager.directory} does not fit this config: it was '
+      'written with another model or optimizer. Use another workdir, or the config the '
+      f'checkpoint was written with. Orbax says: {error}'
+    ) from error
   return restored['state'], int(restored['epoch'])
 
 

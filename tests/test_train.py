@@ -291,6 +291,10 @@ def test_resume_logs_each_epoch_once_and_continues_exactly(tmp_path):
   assert int(again.step) == int(resumed_state.step)
   assert [row['epoch'] for row in _rows(resumed)] == [1, 2, 3]
 
+  # Another optimizer cannot continue this checkpoint, and says why.
+  with pytest.raises(ValueError, match='does not fit this config'):
+    train.train_and_evaluate(_digits(optimizer='adam', num_epochs=4), str(resumed))
+
 
 # --------------------------------------------------------------------------------------------
 # Configs and schedules
