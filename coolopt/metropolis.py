@@ -217,6 +217,8 @@ def sgd_sa(
   cooling_factor: float = 0.8,
   steps_per_epoch: int | None = None,
   key: int | chex.PRNGKey = 0,
+  *,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SGD-SA (Fischetti & Stringher, Algorithm 2): SGD with a random learning rate,
   accepted by the Metropolis criterion, cooled once per epoch.
@@ -238,6 +240,8 @@ def sgd_sa(
     cooling_factor: :math:`\alpha \in (0, 1]`, applied once per epoch.
     steps_per_epoch: :math:`N`, the number of minibatches per epoch.
     key: an int seed or a `jax.random` key.
+    axis_name: the mapped axis over which losses are averaged, if any (see
+      :func:`metropolis`).
 
   Returns:
     A :func:`metropolis` around `optax.sgd` with learning rate 1.
@@ -263,7 +267,9 @@ def sgd_sa(
   temperature = optax.exponential_decay(
     initial_temperature, steps_per_epoch, cooling_factor, staircase=True
   )
-  return metropolis(optax.sgd(1.0), temperature, multipliers=learning_rates, key=key)
+  return metropolis(
+    optax.sgd(1.0), temperature, multipliers=learning_rates, key=key, axis_name=axis_name
+  )
 
 
 def acceptance_rate(opt_state: Any) -> chex.Array:

@@ -282,8 +282,6 @@ def _base_optimizer(
       eps_in_sqrt=True,
       momentum=config.momentum,
     )
-  if name == 'sgd_sa':
-    return optax.sgd(learning_rate)
   raise ValueError(f'config.optimizer must be one of {OPTIMIZERS}, got {name!r}.')
 
 
@@ -292,20 +290,30 @@ def create_optimizer(
 ) -> optax.GradientTransformationExtraArgs:
   """`config.optimizer`, with weight decay first and `coolopt.track_temperature()` last.
 
-  The Metropolis optimizers wrap their base optimizer in `coolopt.metropolis`, with a
-  temperature `metropolis_temperature` multiplied by `metropolis_cooling` after every
-  epoch. 'sgd_sa' is `coolopt.sgd_sa` (Metropolis around plain SGD with the learning
-  rate drawn from `metropolis_multipliers`), built from `coolopt.metropolis` so that
-  under `pmap` it averages the losses over `axis_name` and every replica decides alike.
+  The Metropolis optimizers test every step at a temperature `metropolis_temperature`
+  multiplied by `metropolis_cooling` after every epoch, averaging the losses over
+  `axis_name` under `pmap` so that every replica decides alike: 'sgd_sa' is
+  `coolopt.sgd_sa` with the learning rates `metropolis_multipliers`, and
+  'metropolis_coolmomentum' wraps CoolMomentum in `coolopt.metropolis`.
 
   Args:
     config: a resolved config (see `resolve_config`).
     steps_per_epoch: optimizer steps in an epoch; sets the schedules' lengths.
     axis_name: the `pmap` axis, or None under `jit` with global arrays.
   """
-  learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-  optimizer = _base_optimizer(config, steps_per_epoch, learning_rate)
-  if config.optimizer in METROPOLIS_OPTIMIZERS:
+  if config.optimizer == 'sgd_sa':
+    optimizer = coolopt.sgd_sa(
+      tuple(config.metropolis_multipliers),
+      config.metropolis_temperature,
+      config.metropolis_cooling,
+      steps_per_epoch,
+      key=config.seed,
+      axis_name=axis_name,
+    )
+  else:
+    learning_rate = create_learning_rate_fn(config, steps_per_epoch)
+    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate)
+  if config.optimizer == 'metropolis_coolmomentum':
     temperature = optax.exponential_decay(
       config.metropolis_temperature,
       transition_steps=steps_per_epoch,

@@ -179,3 +179,18 @@ def test_sharded_jit_matches_single_device():
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, expected_params
   )
   np.testing.assert_array_equal(state.num_accepted, expected_state.num_accepted)
+
+
+def test_sgd_sa_with_axis_name_keeps_replicas_in_lock_step():
+  opt = coolopt.sgd_sa(
+    MULTIPLIERS, initial_temperature=TEMPERATURE, steps_per_epoch=50, key=0, axis_name=AXIS
+  )
+  x, y = _data()
+  train = jax.pmap(_train(opt, AXIS), axis_name=AXIS)
+  state, (params, accepted, _) = jax.device_get(
+    train(_replicate(PARAMS), _replicate(opt.init(PARAMS)), (_per_device(x), _per_device(y)))
+  )
+  _assert_same_on_every_replica((params, accepted, state))
+  assert 0.0 < float(coolopt.acceptance_rate(state)[0]) < 1.0
+  # Six epochs of 50 steps: the temperature has been cooled five times.
+  np.testing.assert_allclose(state.temperature, TEMPERATURE * 0.8**5, rtol=1e-6)

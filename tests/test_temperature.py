@@ -151,3 +151,24 @@ def test_temperature_under_jit_equals_eager():
   np.testing.assert_allclose(
     coolopt.temperature(jitted_state), coolopt.temperature(eager_state), rtol=1e-6
   )
+
+
+@pytest.mark.parametrize('every', [1, 3])
+def test_every_k_steps_computes_at_steps_0_k_2k_and_keeps_the_last_value(every):
+  opt = coolopt.track_temperature(every=every)
+  params = jnp.zeros(2)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  seen = []
+  for n in range(7):
+    _, state = update(jnp.full(2, float(n + 1)), state, params)
+    seen.append(float(coolopt.temperature(state)))
+  # The update at step n is n + 1 everywhere: its mean square is (n + 1)**2.
+  expected = [float((n - n % every + 1) ** 2) for n in range(7)]
+  assert seen == expected
+
+
+@pytest.mark.parametrize('every', [0, -2, 2.5])
+def test_every_must_be_a_positive_integer(every):
+  with pytest.raises(ValueError, match=f'every={every!r}'):
+    coolopt.track_temperature(every=every)
