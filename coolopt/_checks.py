@@ -79,12 +79,5 @@ def split_kwargs_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str
 
 def find_states(tree: Any, state_type: type) -> list[Any]:
   """All nodes of type `state_type` in a (nested) optimizer state."""
-  found = []
-
-  def visit(node):
-    if isinstance(node, state_type):
-      found.append(node)
-    return node
-
-  jax.tree_util.tree_map(visit, tree, is_leaf=lambda node: isinstance(node, state_type))
-  return found
+  nodes = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, state_type))
+  return [node for node in nodes if isinstance(node, state_type)]
