@@ -114,18 +114,7 @@ def _unwrap_alias_refs(app, what, name, obj, options, signature, return_annotati
 _ALIAS_REF = re.compile(r"TypeAliasForwardRef\('([\w.]+)'\)")
 
 
-def _skip_missing_benchmarks(app, docname, source) -> None:
-  """Leaves the benchmarks page out of the index's toctree while it is not written.
-
-  `benchmarks.md` reports measurements and is written with the benchmarks; the site
-  builds before it exists, and lists it as soon as it does.
-  """
-  if docname == 'index' and not (DOCS / 'benchmarks.md').exists():
-    source[0] = source[0].replace('\nbenchmarks\n', '\n')
-
-
 def setup(app):
   app.connect('builder-inited', _plot_schedules)
-  app.connect('source-read', _skip_missing_benchmarks)
   app.connect('autodoc-process-signature', _unwrap_alias_refs)
   return {'parallel_read_safe': True}
