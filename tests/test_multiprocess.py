@@ -1,0 +1,226 @@
+"""The trainer as separate processes: several JAX processes over gloo, kill -9 and resume,
+and a non-finite batch in the middle of a real epoch.
+
+The command-line runs go through `python -m examples.main` in subprocesses, each with a
+timeout and killed with its whole process group if anything fails, so that a hung
+collective cannot hang the test session. They share a persistent compilation cache.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from examples import input_pipeline, train
+from tests.test_train import REPO_ROOT, _digits, _rows
+
+TIMEOUT = 300  # Seconds for any one subprocess.
+# Fields that measure time, not training.
+_TIMING = ('images_per_sec', 'wall_time')
+
+# ResNet-20 on a synthetic training set exactly one global batch large: every step of
+# every run sees the same 16 examples, however the processes slice and shuffle them,
+# so one process and two must train alike up to the order of the float sums.
+_RESNET_CONFIG = """
+from examples.configs import cifar10_resnet20
+
+
+def get_config():
+  config = cifar10_resnet20.get_config()
+  config.dataset = 'synthetic'
+  config.image_size = 8
+  config.batch_size = 16
+  config.num_epochs = 2
+  config.steps_per_epoch = 2
+  config.steps_per_eval = 1
+  config.progress_bar = False
+  config.synthetic_train_size = 16
+  config.synthetic_test_size = 16
+  return config
+"""
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('compilation_cache'))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(cache_dir: str, num_devices: int) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+    JAX_COMPILATION_CACHE_DIR=cache_dir,
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    TF_CPP_MIN_LOG_LEVEL='3',
+  )
+  return env
+
+
+def _main(config: str, workdir, *flags: str) -> list[str]:
+  return [
+    sys.executable,
+    '-m',
+    'examples.main',
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *flags,
+  ]
+
+
+@contextlib.contextmanager
+def _processes():
+  """Starts processes with `start(args, env, log)`; kills what is left on the way out."""
+  started = []
+
+  def start(args, env, log):
+    process = subprocess.Popen(
+      args,
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
+    started.append(process)
+    return process
+
+  try:
+    yield start
+  finally:
+    for process in started:
+      if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _wait(process, log_path, deadline: float) -> None:
+  try:
+    returncode = process.wait(timeout=max(deadline - time.monotonic(), 1))
+  except subprocess.TimeoutExpired:
+    pytest.fail(f'{process.args} ran past {TIMEOUT} s:\n{_tail(log_path)}')
+  assert returncode == 0, f'{process.args} exited with {returncode}:\n{_tail(log_path)}'
+
+
+def _log(path) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def _tail(path) -> str:
+  return _log(path)[-3000:]
+
+
+def _run(start, args, env, log_path) -> None:
+  with open(log_path, 'w') as log:
+    process = start(args, env, log)
+  _wait(process, log_path, time.monotonic() + TIMEOUT)
+
+
+def test_two_processes_train_as_one(tmp_path, cache_dir):
+  config = tmp_path / 'resnet20_synthetic.py'
+  config.write_text(_RESNET_CONFIG)
+  shared, single = tmp_path / 'two_processes', tmp_path / 'one_process'
+  address = f'--coordinator_address=127.0.0.1:{_free_port()}'
+  with _processes() as start:
+    # Both processes write to the same workdir, as hosts on shared storage would.
+    processes = []
+    for index in range(2):
+      log_path = tmp_path / f'process{index}.log'
+      with open(log_path, 'w') as log:
+        flags = (address, '--num_processes=2', f'--process_id={index}')
+        processes.append(
+          (start(_main(str(config), shared, *flags), _env(cache_dir, 4), log), log_path)
+        )
+    deadline = time.monotonic() + TIMEOUT
+    for process, log_path in processes:
+      _wait(process, log_path, deadline)
+    _run(start, _main(str(config), single), _env(cache_dir, 8), tmp_path / 'single.log')
+
+  assert 'Process 1 of 2, 4 local devices of 8' in _log(tmp_path / 'process1.log')
+  shared_rows, single_rows = _rows(shared), _rows(single)
+  assert [row['epoch'] for row in shared_rows] == [1, 2]
+  assert [row['epoch'] for row in single_rows] == [1, 2]
+  for shared_row, single_row in zip(shared_rows, single_rows, strict=True):
+    assert shared_row['step'] == single_row['step']
+    for key in ('train_loss', 'test_loss'):
+      np.testing.assert_allclose(shared_row[key], single_row[key], rtol=1e-4, err_msg=key)
+  # Process 1 wrote no metrics of its own: one file, one row per epoch, and no stray
+  # temporary files beside it.
+  assert sorted(os.listdir(shared)) == sorted(os.listdir(single))
+  assert (shared / train.CHECKPOINT_DIR / '2').exists()
+
+
+def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path, cache_dir):
+  config = 'examples/configs/digits.py'
+  overrides = (
+    '--config.num_epochs=4',
+    '--config.steps_per_epoch=30',
+    '--config.steps_per_eval=2',
+    '--config.progress_bar=False',
+  )
+  env = _env(cache_dir, 8)
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  with _processes() as start:
+    _run(start, _main(config, straight, *overrides), env, tmp_path / 'straight.log')
+
+    with open(tmp_path / 'killed.log', 'w') as log:
+      process = start(_main(config, killed, *overrides), env, log)
+    deadline = time.monotonic() + TIMEOUT
+    while not any(row['epoch'] == 2 for row in _rows(killed)):
+      assert process.poll() is None, _tail(tmp_path / 'killed.log')
+      assert time.monotonic() < deadline, 'epoch 2 never finished'
+      time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=TIMEOUT) == -signal.SIGKILL
+    epochs_at_kill = [row['epoch'] for row in _rows(killed)]
+    assert epochs_at_kill[:2] == [1, 2] and len(epochs_at_kill) < 4, epochs_at_kill
+
+    _run(start, _main(config, killed, *overrides), env, tmp_path / 'rerun.log')
+
+  assert 'Resuming from the checkpoint after epoch' in _log(tmp_path / 'rerun.log')
+  killed_rows, straight_rows = _rows(killed), _rows(straight)
+  assert [row['epoch'] for row in killed_rows] == [1, 2, 3, 4]
+  for key in ('train_loss', 'test_accuracy', 'test_loss', 'temperature'):
+    assert killed_rows[-1][key] == straight_rows[-1][key], key
+  for killed_row, straight_row in zip(killed_rows, straight_rows, strict=True):
+    assert {k: v for k, v in killed_row.items() if k not in _TIMING} == {
+      k: v for k, v in straight_row.items() if k not in _TIMING
+    }
+
+
+def test_nan_batch_mid_epoch_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+  # One NaN pixel in the second step of the first epoch, through the whole trainer:
+  # that step is skipped and counted, and the run goes on with finite values.
+  create_input_iter = input_pipeline.create_input_iter
+
+  def poisoned(config, split, *, epoch, **kwargs):
+    for i, batch in enumerate(create_input_iter(config, split, epoch=epoch, **kwargs)):
+      if split == 'train' and epoch == 0 and i == 1:
+        batch = {**batch, 'image': batch['image'].copy()}
+        batch['image'][0, 0, 0, 0, 0] = np.nan
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'create_input_iter', poisoned)
+  state = train.train_and_evaluate(_digits(num_epochs=2), str(tmp_path))
+  rows = _rows(tmp_path)
+  assert [row['skipped_steps'] for row in rows] == [1, 0]
+  assert [row['step'] for row in rows] == [3, 6]
+  for row in rows:
+    for key in ('train_loss', 'test_loss', 'temperature'):
+      assert np.isfinite(row[key]), (key, row)
+  assert rows[1]['train_loss'] < rows[0]['train_loss']
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
