@@ -1,0 +1,225 @@
+"""Train-step throughput of the reference trainers, and the optimizer's share of a step.
+
+For each model (ResNet-20 of `examples/configs/cifar10_resnet20.py`, EfficientNet-B0
+of `examples/configs/imagenet_efficientnet_b0.py`) and each optimizer ('coolmomentum',
+which the trainer chains with `coolopt.track_temperature()`, and 'momentum', the
+recipe's baseline), two jit-compiled steps are timed on one fixed synthetic batch:
+
+- (a) the trainer's own train step, `examples.train.create_parallel(...).train_step`
+  with `config.parallelism = 'jit'` (forward, backward, optimizer, the finite-step
+  check), the train state donated, as `examples.train` runs it;
+- (b) the optimizer alone: `tx.update` + `optax.apply_updates` with the same `tx`
+  (`examples.train.create_optimizer`), on float32 gradients shaped like the
+  parameters, parameters and optimizer state donated.
+
+All steps run in interleaved rounds (the starting one rotates from round to round);
+the figures are medians over the rounds, and the share (b)/(a) is taken round by
+round. Images/s is the batch over the median of (a).
+
+On a GPU the defaults are the trainers' scale: bfloat16, ResNet-20 at batch 1024 on
+32x32 images and EfficientNet-B0 at batch 256 on 224x224 images. On a CPU they are
+small enough to finish in minutes: float32, batch 128 at 32x32 and batch 16 at 64x64.
+
+From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
+
+  python benchmarks/train_throughput.py
+  python benchmarks/train_throughput.py --models resnet20 efficientnet_b0
+  python benchmarks/train_throughput.py --models resnet20 --batch 256 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from examples import train
+from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
+
+CONFIGS = {'resnet20': cifar10_resnet20, 'efficientnet_b0': imagenet_efficientnet_b0}
+# (batch, image side) per model: on a GPU, and on a CPU.
+GPU_DEFAULTS = {'resnet20': (1024, 32), 'efficientnet_b0': (256, 224)}
+CPU_DEFAULTS = {'resnet20': (128, 32), 'efficientnet_b0': (16, 64)}
+OPTIMIZERS = ('coolmomentum', 'momentum')
+# Sets only the schedules' lengths; no step of a timed run reaches their ends.
+STEPS_PER_EPOCH = 1000
+
+
+def machine() -> str:
+  """Device, CPU model and core count, jax version, on one line."""
+  model = platform.processor() or 'unknown CPU'
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          model = line.split(':', 1)[1].strip()
+          break
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return (
+    f'device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); '
+    f'host: {model}, {os.cpu_count()} cores; jax {jax.__version__}, optax {optax.__version__}'
+  )
+
+
+def make_config(model: str, optimizer: str, image_size: int, half_precision: bool):
+  config = CONFIGS[model].get_config()
+  config.optimizer = optimizer
+  config.image_size = image_size
+  config.half_precision = half_precision
+  config.parallelism = 'jit'
+  return train.resolve_config(config)
+
+
+def make_optimizer_step(tx: optax.GradientTransformation) -> Callable:
+  def step(params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def build(model_name: str, optimizer: str, batch: int, image_size: int, half: bool, seed: int):
+  """The two steps of one (model, optimizer): each a () -> None closure over its own carry."""
+  config = make_config(model_name, optimizer, image_size, half)
+  model = train.create_model(config)
+  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
+  shape = (image_size, image_size, config.num_channels)
+  host_state = train.create_train_state(jax.random.PRNGKey(seed), model, shape, tx)
+  parallel = train.create_parallel(config, model)
+
+  rng = np.random.default_rng(seed)
+  local = jax.local_device_count()
+  images = rng.standard_normal((local, batch // local, *shape), dtype=np.float32)
+  labels = rng.integers(0, config.num_classes, (local, batch // local), dtype=np.int32)
+  device_batch = parallel.put_batch({'image': images, 'label': labels})
+
+  carry = {'train': parallel.put_state(host_state)}
+
+  def train_step():
+    carry['train'], _ = parallel.train_step(carry['train'], device_batch)
+
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(jax.tree.leaves(host_state.params)))
+  leaves, treedef = jax.tree.flatten(host_state.params)
+  grads = jax.tree.unflatten(
+    treedef,
+    [
+      1e-3 * jax.random.normal(k, np.shape(p), jnp.float32)
+      for k, p in zip(keys, leaves, strict=True)
+    ],
+  )
+  params = jax.tree.map(jnp.asarray, host_state.params)
+  carry['opt'] = (params, jax.jit(tx.init)(params))
+  opt_step = make_optimizer_step(tx)
+
+  def optimizer_step():
+    carry['opt'] = opt_step(*carry['opt'], grads)
+
+  def sync():
+    jax.block_until_ready(carry)
+
+  n_params = sum(np.size(p) for p in leaves)
+  return train_step, optimizer_step, sync, n_params
+
+
+def time_rounds(
+  steps: dict[str, tuple[Callable, Callable]], *, rounds: int, steps_per_round: int
+) -> dict[str, list[float]]:
+  """Seconds per step of every (step, sync) pair, one figure per round, rotating the order."""
+  names = list(steps)
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    shift = r % len(names)
+    for name in names[shift:] + names[:shift]:
+      step, sync = steps[name]
+      sync()
+      start = time.perf_counter()
+      for _ in range(steps_per_round):
+        step()
+      sync()
+      times[name].append((time.perf_counter() - start) / steps_per_round)
+  return times
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument(
+    '--models', nargs='+', choices=tuple(CONFIGS), default=['resnet20'], help='models to time'
+  )
+  parser.add_argument(
+    '--batch', type=int, help='global batch for every model (default per model and device)'
+  )
+  parser.add_argument(
+    '--image-size', type=int, help='image side for every model (default per model and device)'
+  )
+  parser.add_argument(
+    '--dtype',
+    choices=('float32', 'bfloat16'),
+    help='computation dtype (config.half_precision); default bfloat16 on GPU, float32 else',
+  )
+  parser.add_argument('--rounds', type=int, default=10, help='interleaved rounds')
+  parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args()
+
+  gpu = jax.default_backend() == 'gpu'
+  dtype = args.dtype or ('bfloat16' if gpu else 'float32')
+  defaults = GPU_DEFAULTS if gpu else CPU_DEFAULTS
+  # Buffers that the CPU backend cannot reuse in place are copied; the warning says so.
+  warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+  print(machine())
+  print(f'dtype {dtype}; {args.rounds} rounds x {args.steps} steps, {args.warmup} warm-up steps')
+
+  for model_name in args.models:
+    batch = args.batch or defaults[model_name][0]
+    image_size = args.image_size or defaults[model_name][1]
+    steps: dict[str, tuple[Callable, Callable]] = {}
+    for optimizer in OPTIMIZERS:
+      start = time.perf_counter()
+      train_step, optimizer_step, sync, n_params = build(
+        model_name, optimizer, batch, image_size, dtype == 'bfloat16', args.seed
+      )
+      for _ in range(args.warmup):
+        train_step()
+        optimizer_step()
+      sync()
+      print(
+        f'{model_name}, {optimizer}: {n_params:,} parameters, compiled and warmed up in '
+        f'{time.perf_counter() - start:.0f} s'
+      )
+      steps[f'{optimizer}/train'] = (train_step, sync)
+      steps[f'{optimizer}/opt'] = (optimizer_step, sync)
+
+    times = time_rounds(steps, rounds=args.rounds, steps_per_round=args.steps)
+    print(f'\n{model_name}: batch {batch}, {image_size}x{image_size} images, {dtype}')
+    print(
+      f'{"optimizer":33s} {"images/s":>9s} {"ms/step":>8s} {"IQR ms":>15s} '
+      f'{"opt ms":>7s} {"opt share":>9s} {"share IQR":>11s}'
+    )
+    for optimizer in OPTIMIZERS:
+      full, opt = times[f'{optimizer}/train'], times[f'{optimizer}/opt']
+      shares = [b / a for a, b in zip(full, opt, strict=True)]
+      q_t, q_s = statistics.quantiles(full, n=4), statistics.quantiles(shares, n=4)
+      label = optimizer + (' + track_temperature' if optimizer == 'coolmomentum' else '')
+      median = statistics.median(full)
+      print(
+        f'{label:33s} {batch / median:9.1f} {1e3 * median:8.1f} '
+        f'{1e3 * q_t[0]:7.1f}-{1e3 * q_t[2]:<7.1f} {1e3 * statistics.median(opt):7.2f} '
+        f'{100 * statistics.median(shares):8.2f}% {100 * q_s[0]:5.2f}-{100 * q_s[2]:<5.2f}'
+      )
+    print()
+
+
+if __name__ == '__main__':
+  main()
