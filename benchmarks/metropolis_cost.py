@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 
 # The directory of a script run as `python benchmarks/...` is on sys.path.
-from step_cost import machine, time_rounds
+from machine import machine
+from step_cost import time_rounds
 
 import coolopt
 

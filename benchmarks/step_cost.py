@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import platform
 import re
 import statistics
 import time
@@ -33,29 +31,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from machine import machine
 
 import coolopt
 
 LEARNING_RATE = 0.01
 BASELINE = 'sgd(momentum=0.9)'
-
-
-def machine() -> str:
-  """CPU model, core count, jax version and backend, on one line."""
-  model = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  device = jax.devices()[0]
-  return (
-    f'{model}, {os.cpu_count()} cores; jax {jax.__version__}, optax {optax.__version__}, '
-    f'backend {jax.default_backend()} ({device.device_kind})'
-  )
 
 
 def optimizers(total_steps: int, every: list[int]) -> dict[str, optax.GradientTransformation]:

@@ -30,8 +30,6 @@ From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 import warnings
@@ -41,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from machine import machine
 
 from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
@@ -52,24 +51,6 @@ CPU_DEFAULTS = {'resnet20': (128, 32), 'efficientnet_b0': (16, 64)}
 OPTIMIZERS = ('coolmomentum', 'momentum')
 # Sets only the schedules' lengths; no step of a timed run reaches their ends.
 STEPS_PER_EPOCH = 1000
-
-
-def machine() -> str:
-  """Device, CPU model and core count, jax version, on one line."""
-  model = platform.processor() or 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          model = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  device = jax.devices()[0]
-  return (
-    f'device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); '
-    f'host: {model}, {os.cpu_count()} cores; jax {jax.__version__}, optax {optax.__version__}'
-  )
 
 
 def make_config(model: str, optimizer: str, image_size: int, half_precision: bool):

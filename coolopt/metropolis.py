@@ -285,12 +285,9 @@ def acceptance_rate(opt_state: Any) -> chex.Array:
   Raises:
     ValueError: if the state holds no, or more than one, :class:`MetropolisState`.
   """
-  states = _checks.find_states(opt_state, MetropolisState)
-  if len(states) != 1:
-    raise ValueError(
-      f'opt_state must contain exactly one MetropolisState, found {len(states)}: '
-      'acceptance_rate reads the state of an optimizer built with coolopt.metropolis '
-      'or coolopt.sgd_sa.'
-    )
-  state = states[0]
+  hint = (
+    'acceptance_rate reads the state of an optimizer built with coolopt.metropolis '
+    'or coolopt.sgd_sa.'
+  )
+  state = _checks.find_state(opt_state, MetropolisState, hint)
   return jnp.where(state.count > 0, state.num_accepted / jnp.maximum(state.count, 1), 1.0)

@@ -131,11 +131,8 @@ def temperature(opt_state: Any) -> chex.Array:
   Raises:
     ValueError: if the state holds no, or more than one, :class:`TemperatureState`.
   """
-  states = _checks.find_states(opt_state, TemperatureState)
-  if len(states) != 1:
-    raise ValueError(
-      f'opt_state must contain exactly one TemperatureState, found {len(states)}: add '
-      'coolopt.track_temperature() once, as the last transformation of the chain, e.g. '
-      'optax.chain(coolopt.coolmomentum(...), coolopt.track_temperature()).'
-    )
-  return states[0].temperature
+  hint = (
+    'add coolopt.track_temperature() once, as the last transformation of the chain, e.g. '
+    'optax.chain(coolopt.coolmomentum(...), coolopt.track_temperature()).'
+  )
+  return _checks.find_state(opt_state, TemperatureState, hint).temperature
