@@ -44,16 +44,16 @@ def optimizers(total_steps: int, every: list[int]) -> dict[str, optax.GradientTr
   variants = {
     BASELINE: optax.sgd(LEARNING_RATE, momentum=0.9),
     'coolmomentum': coolopt.coolmomentum(LEARNING_RATE, rho_0=0.9, total_steps=total_steps),
-    'coolmomentum + temperature': optax.chain(
+    'coolmomentum + kinetic temperature': optax.chain(
       coolopt.coolmomentum(LEARNING_RATE, rho_0=0.9, total_steps=total_steps),
-      coolopt.track_temperature(),
+      coolopt.track_kinetic_temperature(),
     ),
   }
   for k in every:
     if k > 1:
-      variants[f'coolmomentum + temperature(every={k})'] = optax.chain(
+      variants[f'coolmomentum + kinetic temperature(every={k})'] = optax.chain(
         coolopt.coolmomentum(LEARNING_RATE, rho_0=0.9, total_steps=total_steps),
-        coolopt.track_temperature(every=k),
+        coolopt.track_kinetic_temperature(every=k),
       )
   # The baseline once more, with buffers of its own: the two copies differ by the
   # noise floor of the ratios.
@@ -132,11 +132,11 @@ def main() -> None:
     type=int,
     default=10,
     help='steps per variant and round; a multiple of every k, so that each round of '
-    'track_temperature(every=k) holds the same number of computed temperatures',
+    'track_kinetic_temperature(every=k) holds the same number of computed temperatures',
   )
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant')
   parser.add_argument(
-    '--every', type=int, nargs='*', default=[10], help='track_temperature(every=k) variants'
+    '--every', type=int, nargs='*', default=[10], help='track_kinetic_temperature(every=k) variants'
   )
   parser.add_argument(
     '--reallocate',

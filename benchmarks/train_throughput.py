@@ -2,7 +2,7 @@
 
 For each model (ResNet-20 of `examples/configs/cifar10_resnet20.py`, EfficientNet-B0
 of `examples/configs/imagenet_efficientnet_b0.py`) and each optimizer ('coolmomentum',
-which the trainer chains with `coolopt.track_temperature()`, and 'momentum', the
+which the trainer chains with `coolopt.track_kinetic_temperature()`, and 'momentum', the
 recipe's baseline), two jit-compiled steps are timed on one fixed synthetic batch:
 
 - (a) the trainer's own train step, `examples.train.create_parallel(...).train_step`
@@ -192,7 +192,7 @@ def main() -> None:
       full, opt = times[f'{optimizer}/train'], times[f'{optimizer}/opt']
       shares = [b / a for a, b in zip(full, opt, strict=True)]
       q_t, q_s = statistics.quantiles(full, n=4), statistics.quantiles(shares, n=4)
-      label = optimizer + (' + track_temperature' if optimizer == 'coolmomentum' else '')
+      label = optimizer + (' + track_kinetic_temperature' if optimizer == 'coolmomentum' else '')
       median = statistics.median(full)
       print(
         f'{label:33s} {batch / median:9.1f} {1e3 * median:8.1f} '

@@ -92,9 +92,9 @@ def scale_by_coolmomentum(
 
 
 def coolmomentum(
-  learning_rate: optax.ScalarOrSchedule = 0.01,
-  rho_0: chex.Numeric = 0.99,
-  total_steps: chex.Numeric | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  rho_0: chex.Numeric,
+  total_steps: chex.Numeric | None,
   *,
   cooling: str = 'exponential',
   warmup_steps: chex.Numeric = 0,
@@ -156,7 +156,9 @@ def coolmomentum(
       optax schedule of the step count.
     rho_0: initial momentum coefficient, in [0, 1).
     total_steps: :math:`S`, number of steps over which :math:`\rho` cools to 0
-      (epochs x steps per epoch). ``None``: no cooling, :math:`\rho = \rho_0`.
+      (epochs x steps per epoch). Required: CoolMomentum without a cooling length
+      is not CoolMomentum. An explicit ``None`` keeps :math:`\rho = \rho_0`
+      (momentum SGD in the Langevin parametrisation, with no annealing).
     cooling: ``'exponential'``, ``'linear'`` or ``'friction'``.
     warmup_steps: number of initial steps with :math:`\rho = 0`.
     weight_decay: coupled L2 weight decay :math:`\lambda \geq 0`.

@@ -6,7 +6,7 @@ and under a sharded `jax.jit` over a 1-D device mesh (`'jit'`: the batch is one 
 array split over the devices and no axis name appears inside).
 
 The workdir receives, from process 0, `metrics.jsonl` (one row per epoch) and
-`curves.png` (the paper's training loss, test accuracy and temperature), and, from
+`curves.png` (the paper's training loss, test accuracy and kinetic temperature), and, from
 all processes together, an orbax checkpoint after every epoch. Running again with
 the same workdir resumes after the last checkpoint.
 """
@@ -288,7 +288,7 @@ def _base_optimizer(
 def create_optimizer(
   config: ml_collections.ConfigDict, steps_per_epoch: int, *, axis_name: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
-  """`config.optimizer`, with weight decay first and `coolopt.track_temperature()` last.
+  """`config.optimizer`, with weight decay first and `coolopt.track_kinetic_temperature()` last.
 
   The Metropolis optimizers test every step at a temperature `metropolis_temperature`
   multiplied by `metropolis_cooling` after every epoch, averaging the losses over
@@ -330,7 +330,7 @@ def create_optimizer(
   transforms = []
   if config.weight_decay > 0:
     transforms.append(optax.add_decayed_weights(config.weight_decay, mask=_kernel_mask))
-  return optax.chain(*transforms, optimizer, coolopt.track_temperature())
+  return optax.chain(*transforms, optimizer, coolopt.track_kinetic_temperature())
 
 
 class TrainState(struct.PyTreeNode):
@@ -478,7 +478,7 @@ def train_step(
   metrics = {
     'loss': loss,
     'accuracy': accuracy,
-    'temperature': coolopt.temperature(new_state.opt_state),
+    'kinetic_temperature': coolopt.kinetic_temperature(new_state.opt_state),
     'skipped': jnp.logical_not(finite).astype(jnp.float32),
   }
   metropolis_states = _find_states(opt_state, coolopt.MetropolisState)
@@ -646,7 +646,7 @@ def train_epoch(
   summary = {
     'train_loss': _mean(stacked['loss']),
     'train_accuracy': _mean(stacked['accuracy']),
-    'temperature': _mean(stacked['temperature']),
+    'kinetic_temperature': _mean(stacked['kinetic_temperature']),
     'acceptance_rate': float(np.mean(stacked['accepted'])) if 'accepted' in stacked else None,
     'skipped_steps': int(np.sum(stacked['skipped'])),
     'images_per_sec': len(step_metrics) * config.batch_size / seconds,
@@ -704,11 +704,11 @@ def _finite_or_none(value: Any) -> Any:
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
   """The paper's three panels per epoch, one line per run: training loss (log scale),
-  test accuracy and temperature (log scale)."""
+  test accuracy and kinetic temperature (log scale)."""
   panels = (
     ('train_loss', 'training loss', 'log'),
     ('test_accuracy', 'test accuracy', 'linear'),
-    ('temperature', 'temperature (mean dx²)', 'log'),
+    ('kinetic_temperature', 'kinetic temperature (mean dx²)', 'log'),
   )
   # Fixed margins: a layout engine would cost more than the drawing, every epoch.
   figure = Figure(figsize=(13, 3.8))

@@ -16,7 +16,7 @@ CHECKPOINT_STEP = 37
 def make_optimizer(cooling):
   return optax.chain(
     coolopt.coolmomentum(0.05, 0.99, TOTAL_STEPS, cooling=cooling, weight_decay=1e-3),
-    coolopt.track_temperature(),
+    coolopt.track_kinetic_temperature(),
   )
 
 

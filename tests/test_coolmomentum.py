@@ -345,7 +345,7 @@ def test_inject_hyperparams_changes_take_effect(cooling):
   state.hyperparams['learning_rate'] = jnp.asarray(0.2, jnp.float32)
   updates, _ = jax.jit(opt.update)(gradients, state, params)
   expected, _ = coolopt.coolmomentum(0.2, 0.9, 10, cooling=cooling).update(
-    gradients, coolopt.coolmomentum(0.2).init(params), params
+    gradients, coolopt.coolmomentum(0.2, 0.9, 10).init(params), params
   )
   jax.tree.map(np.testing.assert_array_equal, updates, expected)
 
@@ -548,3 +548,13 @@ def test_weight_decay_mask(as_callable):
     updates['w'], -step_size * (gradients['w'] + weight_decay * params['w']), rtol=1e-6
   )
   np.testing.assert_allclose(updates['b'], -step_size * gradients['b'], rtol=1e-6)
+
+
+def test_total_steps_is_required():
+  # CoolMomentum without a cooling length never cools: the length must be given.
+  with pytest.raises(TypeError, match='total_steps'):
+    coolopt.coolmomentum(0.01, 0.99)
+  rho = coolopt.coolmomentum(0.01, 0.99, None)  # explicit: no cooling
+  params = jnp.ones(2)
+  updates, _ = rho.update(jnp.ones(2), rho.init(params), params)
+  np.testing.assert_allclose(updates, -0.01 * (1 + 0.99) / 2, rtol=1e-6)

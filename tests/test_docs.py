@@ -130,7 +130,7 @@ def test_docstring_examples_cover_the_public_api():
     name for name in coolopt.__all__ if '>>>' in (getattr(coolopt, name).__doc__ or '')
   ]
   assert attempted > 0
-  assert {'coolmomentum', 'metropolis', 'track_temperature'} <= set(with_examples)
+  assert {'coolmomentum', 'metropolis', 'track_kinetic_temperature'} <= set(with_examples)
 
 
 def test_a_broken_docstring_example_is_caught():

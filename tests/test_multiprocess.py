@@ -202,7 +202,7 @@ def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path, cache_dir):
   assert 'Resuming from the checkpoint after epoch' in _log(tmp_path / 'rerun.log')
   killed_rows, straight_rows = _rows(killed), _rows(straight)
   assert [row['epoch'] for row in killed_rows] == [1, 2, 3, 4]
-  for key in ('train_loss', 'test_accuracy', 'test_loss', 'temperature'):
+  for key in ('train_loss', 'test_accuracy', 'test_loss', 'kinetic_temperature'):
     assert killed_rows[-1][key] == straight_rows[-1][key], key
   for killed_row, straight_row in zip(killed_rows, straight_rows, strict=True):
     assert {k: v for k, v in killed_row.items() if k not in _TIMING} == {
@@ -228,7 +228,7 @@ def test_nan_batch_mid_epoch_is_skipped_and_training_goes_on(tmp_path, monkeypat
   assert [row['skipped_steps'] for row in rows] == [1, 0]
   assert [row['step'] for row in rows] == [3, 6]
   for row in rows:
-    for key in ('train_loss', 'test_loss', 'temperature'):
+    for key in ('train_loss', 'test_loss', 'kinetic_temperature'):
       assert np.isfinite(row[key]), (key, row)
   assert rows[1]['train_loss'] < rows[0]['train_loss']
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))

@@ -25,7 +25,7 @@ def eight_devices():
 
 def make_optimizer():
   # Cooling ends at step 40 of 50, so the runs cross into plain SGD.
-  return optax.chain(coolopt.coolmomentum(0.1, 0.95, 40), coolopt.track_temperature())
+  return optax.chain(coolopt.coolmomentum(0.1, 0.95, 40), coolopt.track_kinetic_temperature())
 
 
 def initial_params(seed=0):
@@ -72,7 +72,7 @@ def single_device_run(opt, params, batches, gradient_fn):
   temperatures = []
   for n in range(NUM_STEPS):
     params, state = step(params, state, n)
-    temperatures.append(coolopt.temperature(state))
+    temperatures.append(coolopt.kinetic_temperature(state))
   return params, state, np.asarray(temperatures)
 
 
@@ -113,7 +113,7 @@ def test_coolmomentum_under_jit_matches_op_by_op():
   # Not bitwise: under jit XLA fuses multiply-adds, with one rounding fewer.
   assert_trees_close(params, eager_params, rtol=1e-5)
   assert state[0][1].count == eager_state[0][1].count == NUM_STEPS
-  np.testing.assert_allclose(temperatures[-1], coolopt.temperature(eager_state), rtol=1e-3)
+  np.testing.assert_allclose(temperatures[-1], coolopt.kinetic_temperature(eager_state), rtol=1e-3)
   assert loss(params, full_batch(batches, 0)) < loss(initial_params(), full_batch(batches, 0))
 
 
@@ -128,7 +128,7 @@ def test_coolmomentum_under_vmap_runs_independent_problems():
       params, state = carry
       gradients = jax.grad(loss)(params, (batch[0].reshape(-1, 3), batch[1].reshape(-1, 1)))
       params, state = apply_gradients(opt, params, state, gradients)
-      return (params, state), coolopt.temperature(state)
+      return (params, state), coolopt.kinetic_temperature(state)
 
     (params, _), temperatures = jax.lax.scan(step, (params, opt.init(params)), (inputs, targets))
     return params, temperatures
@@ -173,7 +173,7 @@ def test_coolmomentum_data_parallel_pmap_keeps_replicas_equal():
     for leaf in jax.tree.leaves((params, state)):
       np.testing.assert_array_equal(leaf, jnp.broadcast_to(leaf[0], leaf.shape))
   assert np.all(state[0][1].count == NUM_STEPS)
-  assert coolopt.temperature(state).shape == (NUM_DEVICES,)
+  assert coolopt.kinetic_temperature(state).shape == (NUM_DEVICES,)
 
   expected_params, _, expected_temperatures = single_device_run(
     opt, initial_params(), batches, mean_of_device_gradients
@@ -181,7 +181,7 @@ def test_coolmomentum_data_parallel_pmap_keeps_replicas_equal():
   # Bitwise: the per-device gradients are the same products, and the all-reduce
   # adds them in device order before the division by 8, as the reference does.
   assert_trees_equal(jax.tree.map(lambda x: x[0], params), expected_params)
-  np.testing.assert_array_equal(coolopt.temperature(state), expected_temperatures[-1])
+  np.testing.assert_array_equal(coolopt.kinetic_temperature(state), expected_temperatures[-1])
   # And to float tolerance, the gradient of the loss over the whole batch.
   full_params, _, _ = single_device_run(opt, initial_params(), batches, full_batch_gradient)
   assert_trees_close(expected_params, full_params, rtol=1e-5)
@@ -214,7 +214,7 @@ def test_coolmomentum_data_parallel_shard_map_keeps_replicas_equal():
     opt, initial_params(), batches, mean_of_device_gradients
   )
   assert_trees_equal(params, expected_params)
-  np.testing.assert_array_equal(coolopt.temperature(state), expected_temperatures[-1])
+  np.testing.assert_array_equal(coolopt.kinetic_temperature(state), expected_temperatures[-1])
 
 
 def test_coolmomentum_sharded_jit_matches_single_device():
@@ -240,4 +240,6 @@ def test_coolmomentum_sharded_jit_matches_single_device():
   )
   # Not bitwise: XLA splits the batch mean into per-device partial sums.
   assert_trees_close(params, expected_params, rtol=1e-5)
-  np.testing.assert_allclose(coolopt.temperature(state), expected_temperatures[-1], rtol=1e-3)
+  np.testing.assert_allclose(
+    coolopt.kinetic_temperature(state), expected_temperatures[-1], rtol=1e-3
+  )

@@ -99,14 +99,14 @@ def _assert_sane(rows: list[dict], *, num_epochs: int, metropolis: bool, cool: b
       'train_accuracy',
       'test_loss',
       'test_accuracy',
-      'temperature',
+      'kinetic_temperature',
       'learning_rate',
       *_TIMING,
     ):
       assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
     assert 0.0 <= row['train_accuracy'] <= 1.0
     assert 0.0 <= row['test_accuracy'] <= 1.0
-    assert row['temperature'] > 0.0
+    assert row['kinetic_temperature'] > 0.0
     assert row['skipped_steps'] == 0
     if metropolis:
       assert 0.0 <= row['acceptance_rate'] <= 1.0
@@ -187,7 +187,7 @@ def test_pmap_and_jit_train_alike(tmp_path):
     states[parallelism] = train.train_and_evaluate(config, str(tmp_path / parallelism))
   pmap_rows, jit_rows = _rows(tmp_path / 'pmap'), _rows(tmp_path / 'jit')
   _assert_sane(pmap_rows, num_epochs=1, metropolis=True, cool=True)
-  for key in ('train_loss', 'test_loss', 'temperature', 'acceptance_rate'):
+  for key in ('train_loss', 'test_loss', 'kinetic_temperature', 'acceptance_rate'):
     np.testing.assert_allclose(pmap_rows[0][key], jit_rows[0][key], rtol=1e-4, err_msg=key)
   for name in ('params', 'batch_stats'):
     jax.tree.map(

@@ -1,4 +1,4 @@
-r"""The rescaled temperature of paper Eq. 22, for any optimizer."""
+r"""The kinetic temperature of paper Eq. 22 (mean squared displacement), for any optimizer."""
 
 from __future__ import annotations
 
@@ -11,25 +11,25 @@ import optax
 
 from coolopt import _checks
 
-__all__ = ['TemperatureState', 'temperature', 'track_temperature']
+__all__ = ['KineticTemperatureState', 'kinetic_temperature', 'track_kinetic_temperature']
 
 
-class TemperatureState(NamedTuple):
-  """State for :func:`track_temperature`.
+class KineticTemperatureState(NamedTuple):
+  """State for :func:`track_kinetic_temperature`.
 
   Attributes:
     count: number of updates seen (int32).
-    temperature: the rescaled temperature :math:`T \\Delta t^2` of the last update
-      at which it was computed (float32): the mean over all parameters of the
-      squared update.
+    kinetic_temperature: the rescaled kinetic temperature :math:`T \\Delta t^2`
+      of the last update at which it was computed (float32): the mean over all
+      parameters of the squared update.
   """
 
   count: chex.Array
-  temperature: chex.Array
+  kinetic_temperature: chex.Array
 
 
-def track_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationExtraArgs:
-  r"""Records the rescaled temperature of the updates; the updates pass unchanged.
+def track_kinetic_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationExtraArgs:
+  r"""Records the rescaled kinetic temperature of the updates; they pass unchanged.
 
   Place it last in a chain, so that it sees the final displacement
   :math:`\Delta x_{n+1}` that is added to the parameters (for CoolMomentum, the
@@ -41,7 +41,7 @@ def track_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationEx
 
   Averaged over the steps of an epoch, this is paper Eq. 22, the quantity the
   paper plots to show that CoolMomentum anneals while Adam and momentum quench.
-  Read it with :func:`coolopt.temperature`. The mean is computed in float32.
+  Read it with :func:`coolopt.kinetic_temperature`. The mean is computed in float32.
 
   It costs one more read of the updates per step: XLA's CPU backend does not fuse
   a reduction into the loop that produces its operand. A momentum SGD or
@@ -56,12 +56,12 @@ def track_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationEx
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import coolopt
-    >>> opt = optax.chain(optax.sgd(0.5), coolopt.track_temperature())
+    >>> opt = optax.chain(optax.sgd(0.5), coolopt.track_kinetic_temperature())
     >>> params = {'w': jnp.ones(3), 'b': jnp.zeros(1)}
     >>> state = opt.init(params)
     >>> grads = {'w': jnp.array([1.0, 2.0, 3.0]), 'b': jnp.array([4.0])}
     >>> updates, state = opt.update(grads, state, params)
-    >>> print(coolopt.temperature(state))  # (0.25 + 1 + 2.25 + 4) / 4
+    >>> print(coolopt.kinetic_temperature(state))  # (0.25 + 1 + 2.25 + 4) / 4
     1.875
 
   Args:
@@ -81,9 +81,9 @@ def track_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationEx
   # cannot be tested in Python and goes through `lax.cond`.
   always = _checks.is_concrete_number(every) and int(every) == 1
 
-  def init_fn(params: optax.Params) -> TemperatureState:
+  def init_fn(params: optax.Params) -> KineticTemperatureState:
     del params
-    return TemperatureState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
+    return KineticTemperatureState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
 
   def mean_square(updates: optax.Updates) -> chex.Array:
     leaves = jax.tree.leaves(updates)
@@ -97,9 +97,9 @@ def track_temperature(every: chex.Numeric = 1) -> optax.GradientTransformationEx
       temperature = mean_square(updates)
     else:
       temperature = jax.lax.cond(
-        state.count % every == 0, mean_square, lambda _: state.temperature, updates
+        state.count % every == 0, mean_square, lambda _: state.kinetic_temperature, updates
       )
-    return updates, TemperatureState(optax.safe_increment(state.count), temperature)
+    return updates, KineticTemperatureState(optax.safe_increment(state.count), temperature)
 
   return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
 
@@ -119,20 +119,20 @@ def _as_stored_float32(update: chex.Array) -> chex.Array:
   return value
 
 
-def temperature(opt_state: Any) -> chex.Array:
-  """The rescaled temperature of the last update, found in any nested optimizer state.
+def kinetic_temperature(opt_state: Any) -> chex.Array:
+  """The rescaled kinetic temperature of the last update, found in any nested optimizer state.
 
   Args:
-    opt_state: the state of an optimizer that contains :func:`track_temperature`.
+    opt_state: the state of an optimizer that contains :func:`track_kinetic_temperature`.
 
   Returns:
     The temperature (float32; with a leading axis per replica under `pmap`).
 
   Raises:
-    ValueError: if the state holds no, or more than one, :class:`TemperatureState`.
+    ValueError: if the state holds no, or more than one, :class:`KineticTemperatureState`.
   """
   hint = (
-    'add coolopt.track_temperature() once, as the last transformation of the chain, e.g. '
-    'optax.chain(coolopt.coolmomentum(...), coolopt.track_temperature()).'
+    'add coolopt.track_kinetic_temperature() once, as the last transformation of the chain, e.g. '
+    'optax.chain(coolopt.coolmomentum(...), coolopt.track_kinetic_temperature()).'
   )
-  return _checks.find_state(opt_state, TemperatureState, hint).temperature
+  return _checks.find_state(opt_state, KineticTemperatureState, hint).kinetic_temperature

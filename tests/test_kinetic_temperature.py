@@ -40,14 +40,14 @@ def mean_square(updates):
 
 @pytest.mark.parametrize('name', OPTIMIZERS)
 def test_temperature_is_the_mean_squared_update(name):
-  opt = optax.chain(OPTIMIZERS[name](), coolopt.track_temperature())
+  opt = optax.chain(OPTIMIZERS[name](), coolopt.track_kinetic_temperature())
   params = mixed_params()
   state = opt.init(params)
-  assert coolopt.temperature(state) == 0.0
+  assert coolopt.kinetic_temperature(state) == 0.0
   step = jax.jit(opt.update)
   for n in range(4):
     updates, state = step(gradients_at(params, n), state, params)
-    temperature = coolopt.temperature(state)
+    temperature = coolopt.kinetic_temperature(state)
     assert temperature.dtype == jnp.float32 and temperature.shape == ()
     # Summed in float32 from the updates in their own dtypes.
     np.testing.assert_allclose(temperature, mean_square(updates), rtol=1e-5)
@@ -59,15 +59,15 @@ def test_temperature_of_bfloat16_updates_is_computed_in_float32():
   # The square of 1 + 2**-7 needs more bits than bfloat16 has, and a bfloat16 sum
   # of 4096 such squares would stop growing at a few hundred.
   updates = {'w': jnp.full((4096,), 1.0 + 2.0**-7, jnp.bfloat16)}
-  tracker = coolopt.track_temperature()
+  tracker = coolopt.track_kinetic_temperature()
   _, state = tracker.update(updates, tracker.init(updates))
-  assert state.temperature.dtype == jnp.float32
-  np.testing.assert_allclose(state.temperature, (1.0 + 2.0**-7) ** 2, rtol=1e-6)
+  assert state.kinetic_temperature.dtype == jnp.float32
+  np.testing.assert_allclose(state.kinetic_temperature, (1.0 + 2.0**-7) ** 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize('name', OPTIMIZERS)
 def test_updates_pass_through_unchanged(name):
-  tracked = optax.chain(OPTIMIZERS[name](), coolopt.track_temperature())
+  tracked = optax.chain(OPTIMIZERS[name](), coolopt.track_kinetic_temperature())
   untracked = OPTIMIZERS[name]()
   params = mixed_params()
   tracked_state, untracked_state = tracked.init(params), untracked.init(params)
@@ -81,7 +81,9 @@ def test_updates_pass_through_unchanged(name):
 
 
 def cooled(learning_rate):
-  return optax.chain(coolopt.coolmomentum(learning_rate, 0.9, 10), coolopt.track_temperature())
+  return optax.chain(
+    coolopt.coolmomentum(learning_rate, 0.9, 10), coolopt.track_kinetic_temperature()
+  )
 
 
 NESTINGS = {
@@ -102,30 +104,37 @@ def test_found_in_nested_states(nesting):
   for n in range(2):  # Two micro-steps make one step of MultiSteps.
     updates, state = jax.jit(opt.update)(gradients_at(params, n), state, params)
   # The update of the last real step, which MultiSteps returns only on its second call.
-  np.testing.assert_allclose(coolopt.temperature(state), mean_square(updates), rtol=1e-5)
-  assert coolopt.temperature(state) > 0.0
+  np.testing.assert_allclose(coolopt.kinetic_temperature(state), mean_square(updates), rtol=1e-5)
+  assert coolopt.kinetic_temperature(state) > 0.0
 
 
 @pytest.mark.parametrize(
   ('opt', 'found'),
   [
     (optax.sgd(0.1), 0),
-    (coolopt.coolmomentum(0.1), 0),
-    (optax.chain(coolopt.track_temperature(), optax.sgd(0.1), coolopt.track_temperature()), 2),
+    (coolopt.coolmomentum(0.1, 0.9, 10), 0),
+    (
+      optax.chain(
+        coolopt.track_kinetic_temperature(), optax.sgd(0.1), coolopt.track_kinetic_temperature()
+      ),
+      2,
+    ),
   ],
   ids=['sgd', 'coolmomentum', 'twice'],
 )
 def test_error_when_absent_or_duplicated(opt, found):
   state = opt.init(mixed_params())
-  with pytest.raises(ValueError, match=f'exactly one TemperatureState, found {found}') as error:
-    coolopt.temperature(state)
-  assert 'coolopt.track_temperature()' in str(error.value)
+  with pytest.raises(
+    ValueError, match=f'exactly one KineticTemperatureState, found {found}'
+  ) as error:
+    coolopt.kinetic_temperature(state)
+  assert 'coolopt.track_kinetic_temperature()' in str(error.value)
 
 
 def test_temperature_per_replica_under_pmap():
   num_devices = jax.local_device_count()
   assert num_devices == 8, 'tests/conftest.py asks XLA for 8 CPU devices'
-  opt = optax.chain(coolopt.coolmomentum(0.1, 0.9, 10), coolopt.track_temperature())
+  opt = optax.chain(coolopt.coolmomentum(0.1, 0.9, 10), coolopt.track_kinetic_temperature())
   params = {'w': jnp.ones((num_devices, 5)), 'b': jnp.zeros((num_devices, 2))}
   # A different gradient on every replica, and no pmean: the temperatures differ.
   gradients = {
@@ -134,7 +143,7 @@ def test_temperature_per_replica_under_pmap():
   }
   state = jax.pmap(opt.init)(params)
   updates, state = jax.pmap(opt.update)(gradients, state, params)
-  temperatures = coolopt.temperature(state)
+  temperatures = coolopt.kinetic_temperature(state)
   assert temperatures.shape == (num_devices,)
   for replica in range(num_devices):
     replica_updates = jax.tree.map(lambda u, r=replica: u[r], updates)
@@ -143,26 +152,26 @@ def test_temperature_per_replica_under_pmap():
 
 
 def test_temperature_under_jit_equals_eager():
-  opt = optax.chain(optax.adam(0.05), coolopt.track_temperature())
+  opt = optax.chain(optax.adam(0.05), coolopt.track_kinetic_temperature())
   params = mixed_params()
   state = opt.init(params)
   _, eager_state = opt.update(gradients_at(params, 0), state, params)
   _, jitted_state = jax.jit(opt.update)(gradients_at(params, 0), state, params)
   np.testing.assert_allclose(
-    coolopt.temperature(jitted_state), coolopt.temperature(eager_state), rtol=1e-6
+    coolopt.kinetic_temperature(jitted_state), coolopt.kinetic_temperature(eager_state), rtol=1e-6
   )
 
 
 @pytest.mark.parametrize('every', [1, 3])
 def test_every_k_steps_computes_at_steps_0_k_2k_and_keeps_the_last_value(every):
-  opt = coolopt.track_temperature(every=every)
+  opt = coolopt.track_kinetic_temperature(every=every)
   params = jnp.zeros(2)
   state = opt.init(params)
   update = jax.jit(opt.update)
   seen = []
   for n in range(7):
     _, state = update(jnp.full(2, float(n + 1)), state, params)
-    seen.append(float(coolopt.temperature(state)))
+    seen.append(float(coolopt.kinetic_temperature(state)))
   # The update at step n is n + 1 everywhere: its mean square is (n + 1)**2.
   expected = [float((n - n % every + 1) ** 2) for n in range(7)]
   assert seen == expected
@@ -171,4 +180,4 @@ def test_every_k_steps_computes_at_steps_0_k_2k_and_keeps_the_last_value(every):
 @pytest.mark.parametrize('every', [0, -2, 2.5])
 def test_every_must_be_a_positive_integer(every):
   with pytest.raises(ValueError, match=f'every={every!r}'):
-    coolopt.track_temperature(every=every)
+    coolopt.track_kinetic_temperature(every=every)
