@@ -4,6 +4,8 @@
   the momentum coefficient (Borysenko & Byshkin, 2021).
 - :func:`metropolis`: the Metropolis accept/reject test around any optimizer, and
   :func:`sgd_sa`, SGD-SA (Fischetti & Stringher, 2019).
+- :func:`scale_by_thermostat`: CoolMomentum whose momentum follows the measured
+  temperature along a target path (``coolmomentum(..., cooling='thermostat')``).
 - :func:`track_kinetic_temperature`: the rescaled kinetic temperature (mean squared
   displacement) of any optimizer, paper Eq. 22.
 """
@@ -16,6 +18,7 @@ from coolopt.diagnostics import (
 )
 from coolopt.metropolis import MetropolisState, acceptance_rate, metropolis, sgd_sa
 from coolopt.schedules import exponential_cooling, friction_cooling, linear_cooling
+from coolopt.thermostat import ThermostatState, scale_by_thermostat, thermostat_state
 
 __version__ = '0.1.0'
 
@@ -23,6 +26,7 @@ __all__ = [
   'CoolMomentumState',
   'KineticTemperatureState',
   'MetropolisState',
+  'ThermostatState',
   'acceptance_rate',
   'coolmomentum',
   'exponential_cooling',
@@ -31,6 +35,8 @@ __all__ = [
   'linear_cooling',
   'metropolis',
   'scale_by_coolmomentum',
+  'scale_by_thermostat',
   'sgd_sa',
+  'thermostat_state',
   'track_kinetic_temperature',
 ]
