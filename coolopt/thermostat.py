@@ -138,6 +138,24 @@ def scale_by_thermostat(
   it receives are not averaged. Under a sharded `jax.jit`, the arrays are global
   and nothing is needed.
 
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import coolopt
+    >>> opt = coolopt.coolmomentum(0.01, 0.99, 1000, cooling='thermostat')
+    >>> update = jax.jit(opt.update)
+    >>> x = jnp.ones(256)
+    >>> state = opt.init(x)
+    >>> for n in range(600):  # A quadratic with noisy gradients.
+    ...   noise = jax.random.normal(jax.random.key(n), x.shape)
+    ...   updates, state = update(x + noise, state, x)
+    ...   x = optax.apply_updates(x, updates)
+    >>> thermostat = coolopt.thermostat_state(state)
+    >>> ratio = thermostat.kinetic_temperature / thermostat.target_temperature
+    >>> print(bool(0.5 < ratio < 2.0), bool(0.0 < thermostat.rho < 0.99))
+    True True
+
   Args:
     learning_rate: :math:`\eta`, a number or a schedule of the step count.
     rho_0: initial momentum coefficient and upper bound of :math:`\rho`, in [0, 1).
@@ -159,6 +177,16 @@ def scale_by_thermostat(
   Returns:
     An `optax.GradientTransformationExtraArgs`; its extra arguments are passed on to
     :func:`coolopt.scale_by_coolmomentum`.
+
+  References:
+    Borysenko & Byshkin, `CoolMomentum: a method for stochastic optimization by
+    Langevin dynamics with simulated annealing
+    <https://doi.org/10.1038/s41598-021-90144-3>`_, Sci. Rep. 11, 10705 (2021),
+    Eqs. 15 and 22.
+
+    Berendsen et al., `Molecular dynamics with coupling to an external bath
+    <https://doi.org/10.1063/1.448118>`_, J. Chem. Phys. 81, 3684 (1984): a
+    thermostat that steers the temperature by a multiplicative weak coupling.
   """
   _checks.check_schedule_or_positive('learning_rate', learning_rate)
   _checks.check_range('rho_0', rho_0, lower=0.0, upper=1.0)
