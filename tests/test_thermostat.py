@@ -266,3 +266,27 @@ def test_thermostat_arguments_need_the_thermostat():
     coolopt.coolmomentum(0.1, 0.9, 100, gain=0.1)
   with pytest.raises(ValueError, match='found 0'):
     coolopt.thermostat_state(coolopt.coolmomentum(0.1, 0.9, 100).init(jnp.zeros(2)))
+
+
+@pytest.mark.parametrize('accept', [False, True])
+def test_inside_metropolis_the_target_follows_every_proposal(accept):
+  # A candidate loss always below (accepted) or always infinite (rejected).
+  opt = coolopt.coolmomentum(0.05, 0.95, 40, cooling='thermostat', hot_steps=5)
+  wrapped = coolopt.metropolis(opt, 1.0, key=0)
+  value_fn = (lambda p: -1.0) if accept else (lambda p: jnp.inf)
+  params, state = initial_params(), wrapped.init(initial_params())
+  for n in range(12):
+    gradients = jax.tree.map(lambda p, n=n: jnp.sin(3.0 * p + n), params)
+    updates, state = wrapped.update(gradients, state, params, value=0.0, value_fn=value_fn)
+    params = optax.apply_updates(params, updates)
+  thermostat = coolopt.thermostat_state(state)
+  # The clock of the target path advances with every proposal, accepted or not.
+  assert thermostat.count == thermostat.coolmomentum.count == 12
+  fresh = coolopt.thermostat_state(opt.init(initial_params()))
+  if accept:
+    assert thermostat.kinetic_temperature > 0.0
+  else:
+    # The measurement and the controller only see moves that were made.
+    for name in ('log_friction', 'rho', 'kinetic_temperature', 'hot_temperature'):
+      np.testing.assert_array_equal(getattr(thermostat, name), getattr(fresh, name))
+    jax.tree.map(np.testing.assert_array_equal, params, initial_params())
