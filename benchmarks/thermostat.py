@@ -285,7 +285,7 @@ def plot(task: Task, results: dict[str, dict[str, np.ndarray]], options, out: st
   k = hot_steps(task, options)
   seeds = len(SEEDS)
   figure = Figure(figsize=(13, 3.8))
-  figure.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.9, wspace=0.28)
+  figure.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.28)
   axes = figure.subplots(1, 3)
   learning_rates = [task.base_learning_rate * f for f in LR_FACTORS]
   for method, marker in zip(METHODS, ('o', 's'), strict=True):
@@ -303,6 +303,8 @@ def plot(task: Task, results: dict[str, dict[str, np.ndarray]], options, out: st
   axes[1].set_title('test accuracy (%)')
   for ax in axes[:2]:
     ax.set_xscale('log')
+    ax.minorticks_off()
+    ax.set_xticks(learning_rates, [f'{lr:.2g}' for lr in learning_rates], fontsize=8)
     ax.set_xlabel('learning rate')
     ax.grid(True, alpha=0.3)
   axes[0].legend()
@@ -318,11 +320,11 @@ def plot(task: Task, results: dict[str, dict[str, np.ndarray]], options, out: st
     ax.plot(steps, results['exponential']['temperature'][run], color=color, alpha=0.35)
   ax.set_yscale('log')
   ax.set_xlabel('step')
-  ax.set_title('temperature: thermostat (solid), target (dotted), clock (faint)', fontsize=9)
+  ax.set_title('temperature, seed 0: thermostat, its target (dotted), clock (faint)', fontsize=8)
   ax.legend(fontsize=7, loc='lower left')
   ax.grid(True, alpha=0.3)
   figure.suptitle(f'{task.name}: exponential clock vs thermostat, 3 seeds per learning rate')
-  figure.savefig(os.path.join(out, f'{task.name}.png'), dpi=90)
+  figure.savefig(os.path.join(out, f'thermostat_{task.name}.png'), dpi=90)
 
 
 def main() -> None:
@@ -362,10 +364,11 @@ def main() -> None:
     summarise(task, results, options)
     if args.out:
       plot(task, results, options, args.out)
-      np.savez_compressed(
-        os.path.join(args.out, f'{name}.npz'),
-        **{f'{m}/{k}': v for m, r in results.items() for k, v in r.items()},
-      )
+      if not args.load:
+        np.savez_compressed(
+          os.path.join(args.out, f'{name}.npz'),
+          **{f'{m}/{k}': v for m, r in results.items() for k, v in r.items()},
+        )
 
 
 if __name__ == '__main__':
