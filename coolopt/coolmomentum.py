@@ -196,9 +196,10 @@ def coolmomentum(
     weight_decay: coupled L2 weight decay :math:`\lambda \geq 0`.
     mask: where to apply weight decay, as in `optax.add_decayed_weights`.
     accumulator_dtype: dtype of the displacement; ``None`` keeps the parameters'.
-    target_path: with ``cooling='thermostat'`` only, as the following: the
-      arguments of :func:`coolopt.scale_by_thermostat` (``None``: its default).
-    hot_steps: the thermostat's hot start.
+    target_path: the shape of the thermostat's target path. This and the next
+      four apply with ``cooling='thermostat'`` only; ``None`` takes the default of
+      :func:`coolopt.scale_by_thermostat`.
+    hot_steps: the number of steps of the thermostat's hot start.
     gain: the thermostat's gain.
     smoothing: the decay of the thermostat's moving average of the temperature.
     axis_name: the `pmap`/`shard_map` axis over which the thermostat averages
