@@ -90,3 +90,19 @@ def find_state(tree: Any, state_type: type, hint: str) -> Any:
       f'opt_state must contain exactly one {state_type.__name__}, found {len(states)}: {hint}'
     )
   return states[0]
+
+
+def key_data_and_impl(key: Any) -> tuple[jax.Array, Any]:
+  """Raw uint32 key data and the PRNG implementation to wrap it with again.
+
+  Takes an int seed (possibly traced by `optax.inject_hyperparams`; the default
+  implementation), a typed `jax.random.key` of any implementation (threefry2x32,
+  rbg, unsafe_rbg), or raw key data of the default implementation (the implementation
+  is then None). A state holds the raw data, an integer array that orbax saves and
+  `jnp.where` selects; `jax.random.wrap_key_data(data, impl=impl)` makes it a key.
+  """
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key), jax.random.key_impl(key)
+  if np.ndim(key) == 0:
+    return jax.random.key_data(jax.random.key(key)), None
+  return jax.numpy.asarray(key, jax.numpy.uint32), None
