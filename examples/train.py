@@ -680,8 +680,8 @@ def evaluate(parallel: Parallel, state: TrainState, config: ml_collections.Confi
 def _optimizer_step(state: TrainState) -> int:
   """The step at which the schedules are read: CoolMomentum's own count if any.
 
-  Metropolis rejections and skipped steps leave the inner optimizer's count behind
-  the training step.
+  Skipped (non-finite) steps leave the optimizer's count behind the training step;
+  Metropolis rejections do not (the wrapped optimizer counts every proposal).
   """
   cool = _find_states(state.opt_state, coolopt.CoolMomentumState)
   return int(cool[0].count) if cool else int(state.step)
