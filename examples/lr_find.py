@@ -46,7 +46,7 @@ PLOT_FILE = 'lr_find.png'
 flags.DEFINE_integer('num_steps', 300, 'Steps of the sweep from lr_min to lr_max.')
 flags.DEFINE_float('lr_min', 1e-5, 'Learning rate of the first step.')
 flags.DEFINE_float('lr_max', 10.0, 'Learning rate of the last step.')
-flags.DEFINE_enum('rule', 'minimum', coolopt.range_test.SUGGESTION_RULES, 'Suggestion rule.')
+flags.DEFINE_enum('rule', 'steepest', coolopt.range_test.SUGGESTION_RULES, 'Suggestion rule.')
 flags.DEFINE_float('smoothing', 0.98, 'Factor of the moving average of the loss.')
 flags.DEFINE_float(
   'divergence_threshold', 4.0, 'Stop once the smoothed loss exceeds this multiple of its minimum.'
@@ -101,7 +101,7 @@ def lr_find(
   num_steps: int = 300,
   lr_min: float = 1e-5,
   lr_max: float = 10.0,
-  rule: str = 'minimum',
+  rule: str = 'steepest',
   smoothing: float = 0.98,
   divergence_threshold: float = 4.0,
 ) -> dict[str, Any]:

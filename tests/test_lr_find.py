@@ -57,7 +57,7 @@ def test_command_line_on_digits_writes_json_and_plot_and_no_checkpoint(tmp_path)
       '--num_steps=40',
       '--lr_min=1e-4',
       '--lr_max=1.0',
-      '--rule=steepest',
+      '--rule=minimum',
     ],
     cwd=REPO_ROOT,
     capture_output=True,
@@ -67,13 +67,13 @@ def test_command_line_on_digits_writes_json_and_plot_and_no_checkpoint(tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   saved = _read(tmp_path)
   _assert_result(saved, num_steps=40, lr_min=1e-4, lr_max=1.0)
-  assert saved['rule'] == 'steepest' and saved['optimizer'] == 'coolmomentum'
+  assert saved['rule'] == 'minimum' and saved['optimizer'] == 'coolmomentum'
   assert f'suggested learning rate: {saved["suggested_learning_rate"]:.3g}' in result.stdout
   assert (tmp_path / lr_find.PLOT_FILE).read_bytes().startswith(b'\x89PNG')
   # The suggestion is the library's, from the recorded losses.
   kept = saved['diverged_at_step'] or len(saved['losses'])
   expected = coolopt.suggest_learning_rate(
-    saved['learning_rates'][:kept], saved['losses'][:kept], rule='steepest'
+    saved['learning_rates'][:kept], saved['losses'][:kept], rule='minimum'
   )
   assert saved['suggested_learning_rate'] == pytest.approx(expected)
   assert sorted(p.name for p in tmp_path.rglob('*')) == sorted(

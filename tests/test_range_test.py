@@ -133,9 +133,9 @@ def test_suggestion_of_a_noiseless_curve_is_exact(steepest, lowest):
   # 20 steps per decade; both answers lie on the grid of rates.
   rates = 10 ** (np.arange(-100, 21) / 20)
   losses = _curve(rates, steepest, lowest, blow_up=50.0 / lowest)
-  minimum = coolopt.suggest_learning_rate(rates, losses, smoothing=0.0)
+  minimum = coolopt.suggest_learning_rate(rates, losses, rule='minimum', smoothing=0.0)
   np.testing.assert_allclose(minimum, lowest / 10, rtol=1e-9)
-  steep = coolopt.suggest_learning_rate(rates, losses, rule='steepest', smoothing=0.0)
+  steep = coolopt.suggest_learning_rate(rates, losses, smoothing=0.0)
   np.testing.assert_allclose(steep, steepest, rtol=1e-9)
 
 
@@ -145,10 +145,10 @@ def test_suggestion_of_a_noisy_curve_is_within_a_fifth_of_a_decade():
   rates = np.geomspace(1e-4, 10.0, 2500)
   noise = np.random.default_rng(0).normal(size=rates.size)
   losses = _curve(rates) + 0.3 * noise
-  minimum = coolopt.suggest_learning_rate(rates, losses)
+  minimum = coolopt.suggest_learning_rate(rates, losses, rule='minimum')
   assert abs(np.log10(minimum / 0.01)) < 0.2, minimum
   # Unsmoothed, the noise alone decides where the minimum lies.
-  unsmoothed = coolopt.suggest_learning_rate(rates, losses, smoothing=0.0)
+  unsmoothed = coolopt.suggest_learning_rate(rates, losses, rule='minimum', smoothing=0.0)
   assert abs(np.log10(unsmoothed / 0.01)) > 0.2, unsmoothed
   # The slope of the smoothed curve is noisier than its minimum: the steepest rule
   # needs ten times less noise to find its answer as closely.
@@ -166,7 +166,8 @@ def test_suggestion_ignores_what_comes_after_the_divergence():
   # After a blow-up, a loss that comes back lower than ever is not read.
   losses[stop + 1 :] = 1e-3
   losses[stop + 1] = np.nan
-  np.testing.assert_allclose(coolopt.suggest_learning_rate(rates, losses, smoothing=0.0), 0.01)
+  suggestion = coolopt.suggest_learning_rate(rates, losses, rule='minimum', smoothing=0.0)
+  np.testing.assert_allclose(suggestion, 0.01)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +176,7 @@ def test_suggestion_ignores_what_comes_after_the_divergence():
     ({'losses': [3.0, 2.0]}, 'learning_rates and losses must have the same length, got 3 and 2'),
     ({'learning_rates': [1e-3, 1e-4, 1e-2]}, 'learning_rates must be positive and increasing'),
     ({'losses': [1.0, 5.0, 6.0]}, 'diverged at step 1 .* below 0.001'),
-    ({'rule': 'valley'}, "rule must be one of 'minimum', 'steepest', got rule='valley'"),
+    ({'rule': 'valley'}, "rule must be one of 'steepest', 'minimum', got rule='valley'"),
   ],
 )
 def test_suggestion_invalid_arguments(kwargs, message):
