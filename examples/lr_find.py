@@ -81,9 +81,10 @@ def plot(result: dict[str, Any], path: str) -> None:
   at_suggestion = np.interp(np.log(suggestion), np.log(rates), smoothed)
   ax.axvline(suggestion, color='C3', linestyle='--', linewidth=1)
   ax.plot([suggestion], [at_suggestion], 'o', color='C3', label=f'suggested {suggestion:.3g}')
-  finite = smoothed[np.isfinite(smoothed)]
-  lowest = finite.min()
-  top = min(finite.max(), result['divergence_threshold'] * lowest)
+  # From the lowest loss before the divergence to the divergence threshold.
+  kept = slice(result['diverged_at_step'])
+  lowest = np.nanmin(np.concatenate([losses[kept], smoothed[kept]]))
+  top = min(np.nanmax(smoothed[kept]), result['divergence_threshold'] * np.nanmin(smoothed))
   ax.set_ylim(lowest - 0.05 * (top - lowest), top + 0.05 * (top - lowest))
   ax.set_xscale('log')
   ax.set_xlabel('learning rate')
