@@ -1,12 +1,13 @@
 r"""The learning-rate range test: sweep the rate exponentially, read the loss, pick a rate.
 
 Train from the initial state for a few hundred steps while the learning rate grows
-exponentially from ``lr_min`` to ``lr_max`` (:func:`lr_range_schedule`), recording
-the loss of every step. The loss first barely moves, then falls, then blows up.
-:func:`smooth_losses` smooths the record, :func:`divergence_step` says where to stop,
-and :func:`suggest_learning_rate` turns the record into a rate (Smith, 2017; the
-``lr_find`` of fastai). These run on the host, on recorded numbers, in any loop;
-``examples/lr_find.py`` runs the whole test with the reference trainer.
+exponentially from ``lr_min`` to ``lr_max`` (:func:`coolopt.lr_range_schedule`),
+recording the loss of every step. The loss first barely moves, then falls, then blows
+up. :func:`coolopt.smooth_losses` smooths the record, :func:`coolopt.divergence_step`
+says where to stop, and :func:`coolopt.suggest_learning_rate` turns the record into a
+rate (Smith, 2017; the ``lr_find`` of fastai). These run on the host, on recorded
+numbers, in any loop; ``examples/lr_find.py`` runs the whole test with the reference
+trainer.
 """
 
 from __future__ import annotations
