@@ -81,11 +81,6 @@ def _roll_back(accepted: chex.Array, new: optax.OptState, old: optax.OptState) -
   return jax.tree_util.tree_map_with_path(select, new, old)
 
 
-def _contains(tree: Any, state_type: type) -> bool:
-  nodes = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, state_type))
-  return any(isinstance(node, state_type) for node in nodes)
-
-
 def _check_not_in_multi_steps() -> None:
   """Refuses to run inside `optax.MultiSteps`, which calls its inner update at every
   micro-step: the test would run, and cost a forward pass, k times per real step,
@@ -288,9 +283,9 @@ def metropolis(
     key, multiplier_key, accept_key = jax.random.split(typed_key, 3)
 
     inner_args = dict(extra_args, value=value, value_fn=value_fn)
-    lr_factor = _contains(state.inner_state, CoolMomentumState)
+    lr_factor = bool(_checks.find_states(state.inner_state, CoolMomentumState))
     if multiplied:
-      if not lr_factor and _contains(state.inner_state, KineticTemperatureState):
+      if not lr_factor and _checks.find_states(state.inner_state, KineticTemperatureState):
         raise ValueError(
           'metropolis with multipliers would scale the update after the inner '
           'optimizer has recorded it: place coolopt.track_kinetic_temperature() after '
