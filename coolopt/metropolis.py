@@ -46,16 +46,6 @@ class MetropolisState(NamedTuple):
   temperature: chex.Array
 
 
-def _key_data_and_impl(key: int | chex.PRNGKey) -> tuple[chex.Array, Any]:
-  """Raw uint32 key data and the PRNG implementation of an int seed, a typed key
-  (of any implementation) or raw key data (of the default implementation)."""
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key), jax.random.key_impl(key)
-  if jnp.ndim(key) == 0:  # An int seed, possibly traced by `inject_hyperparams`.
-    return jax.random.key_data(jax.random.key(key)), None
-  return jnp.asarray(key, jnp.uint32), None
-
-
 def _follows_clock(path: tuple[Any, ...], leaf: chex.Array) -> bool:
   """Whether a leaf of the inner state advances with every proposal.
 
@@ -247,7 +237,7 @@ def metropolis(
         f'multipliers={multipliers!r}.'
       )
   inner = optax.with_extra_args_support(inner)
-  key_data, key_impl = _key_data_and_impl(key)
+  key_data, key_impl = _checks.key_data_and_impl(key)
   # The default (1.0,) needs no draw and leaves the update untouched.
   multiplied = isinstance(multipliers, jax.core.Tracer) or tuple(multipliers) != (1.0,)
 
