@@ -8,6 +8,10 @@
   temperature along a target path (``coolmomentum(..., cooling='thermostat')``).
 - :func:`track_kinetic_temperature`: the rescaled kinetic temperature (mean squared
   displacement) of any optimizer, paper Eq. 22.
+- :func:`random_walk`: Gaussian proposals that ignore the gradient; inside
+  :func:`metropolis`, classical simulated annealing of any objective.
+- :func:`lr_range_schedule` and :func:`suggest_learning_rate`: the learning-rate
+  range test.
 """
 
 from coolopt.coolmomentum import CoolMomentumState, coolmomentum, scale_by_coolmomentum
@@ -17,6 +21,13 @@ from coolopt.diagnostics import (
   track_kinetic_temperature,
 )
 from coolopt.metropolis import MetropolisState, acceptance_rate, metropolis, sgd_sa
+from coolopt.random_walk import RandomWalkState, random_walk
+from coolopt.range_test import (
+  divergence_step,
+  lr_range_schedule,
+  smooth_losses,
+  suggest_learning_rate,
+)
 from coolopt.schedules import exponential_cooling, friction_cooling, linear_cooling
 from coolopt.thermostat import ThermostatState, scale_by_thermostat, thermostat_state
 
@@ -26,17 +37,23 @@ __all__ = [
   'CoolMomentumState',
   'KineticTemperatureState',
   'MetropolisState',
+  'RandomWalkState',
   'ThermostatState',
   'acceptance_rate',
   'coolmomentum',
+  'divergence_step',
   'exponential_cooling',
   'friction_cooling',
   'kinetic_temperature',
   'linear_cooling',
+  'lr_range_schedule',
   'metropolis',
+  'random_walk',
   'scale_by_coolmomentum',
   'scale_by_thermostat',
   'sgd_sa',
+  'smooth_losses',
+  'suggest_learning_rate',
   'thermostat_state',
   'track_kinetic_temperature',
 ]

@@ -264,19 +264,21 @@ def _base_optimizer(
   config: ml_collections.ConfigDict,
   steps_per_epoch: int,
   learning_rate: optax.Schedule,
+  constant_rho: bool = False,
   axis_name: str | None = None,
 ) -> optax.GradientTransformation:
   name = config.optimizer
   if name in COOLMOMENTUM_OPTIMIZERS:
-    # The thermostat averages its measured temperature over the replicas.
-    thermostat = {'axis_name': axis_name} if config.cooling == THERMOSTAT else {}
+    # A constant rho (the range test) has no cooling, so no thermostat; the thermostat
+    # averages its measured temperature over the replicas.
+    thermostat = not constant_rho and config.cooling == THERMOSTAT
     return coolopt.coolmomentum(
       learning_rate,
       config.rho_0,
-      config.num_epochs * steps_per_epoch,
-      cooling=config.cooling,
-      warmup_steps=_epochs_to_steps(config.warmup_epochs, steps_per_epoch),
-      **thermostat,
+      None if constant_rho else config.num_epochs * steps_per_epoch,
+      cooling='exponential' if constant_rho else config.cooling,
+      warmup_steps=0 if constant_rho else _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
+      **({'axis_name': axis_name} if thermostat else {}),
     )
   if name == 'momentum':
     return optax.sgd(learning_rate, momentum=config.momentum)
@@ -297,7 +299,12 @@ def _base_optimizer(
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, *, axis_name: str | None = None
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  *,
+  axis_name: str | None = None,
+  learning_rate: optax.Schedule | None = None,
+  constant_rho: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """`config.optimizer`, with weight decay first and `coolopt.track_kinetic_temperature()` last.
 
@@ -311,6 +318,9 @@ def create_optimizer(
     config: a resolved config (see `resolve_config`).
     steps_per_epoch: optimizer steps in an epoch; sets the schedules' lengths.
     axis_name: the `pmap` axis, or None under `jit` with global arrays.
+    learning_rate: replaces the schedule of `create_learning_rate_fn` (not for 'sgd_sa',
+      whose rates are its multipliers); the learning-rate range test sweeps it.
+    constant_rho: hold CoolMomentum's rho at rho_0, without cooling or momentum warm-up.
   """
   if config.optimizer == 'sgd_sa':
     optimizer = coolopt.sgd_sa(
@@ -322,8 +332,9 @@ def create_optimizer(
       axis_name=axis_name,
     )
   else:
-    learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, axis_name)
+    if learning_rate is None:
+      learning_rate = create_learning_rate_fn(config, steps_per_epoch)
+    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho, axis_name)
   if config.optimizer == 'metropolis_coolmomentum':
     temperature = optax.exponential_decay(
       config.metropolis_temperature,
