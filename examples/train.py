@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -34,10 +33,20 @@ from flax import jax_utils, struct
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from matplotlib.figure import Figure
 
 import coolopt
 from examples import input_pipeline, models
+from examples.workdir import (
+  CONFIG_FILE,
+  CURVES_FILE,
+  METRICS_FILE,
+  check_config,
+  finite_or_none,
+  plot_curves,
+  read_metrics,
+  write_config,
+  write_metrics,
+)
 
 OPTIMIZERS = ('coolmomentum', 'momentum', 'adam', 'rmsprop', 'sgd_sa', 'metropolis_coolmomentum')
 COOLMOMENTUM_OPTIMIZERS = ('coolmomentum', 'metropolis_coolmomentum')
@@ -50,8 +59,6 @@ COOLING_SCHEDULES = {
   'friction': coolopt.friction_cooling,
 }
 AXIS_NAME = 'batch'
-METRICS_FILE = 'metrics.jsonl'
-CURVES_FILE = 'curves.png'
 CHECKPOINT_DIR = 'checkpoints'
 
 Batch = dict[str, Any]
@@ -679,59 +686,6 @@ def _optimizer_step(state: TrainState) -> int:
 # Workdir: metrics, curves, checkpoints
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """The rows of a metrics.jsonl file; [] if it does not exist."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_metrics(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  # Written whole to a temporary file and renamed, so a crash never leaves half a file.
-  temporary = path + '.tmp'
-  with open(temporary, 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  os.replace(temporary, path)
-
-
-def _finite_or_none(value: Any) -> Any:
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
-
-
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
-  """The paper's three panels per epoch, one line per run: training loss (log scale),
-  test accuracy and kinetic temperature (log scale)."""
-  panels = (
-    ('train_loss', 'training loss', 'log'),
-    ('test_accuracy', 'test accuracy', 'linear'),
-    ('kinetic_temperature', 'kinetic temperature (mean dx²)', 'log'),
-  )
-  # Fixed margins: a layout engine would cost more than the drawing, every epoch.
-  figure = Figure(figsize=(13, 3.8))
-  figure.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.91, wspace=0.22)
-  axes = figure.subplots(1, len(panels))
-  for ax, (key, label, scale) in zip(axes, panels, strict=True):
-    for name, rows in runs.items():
-      points = [
-        (row['epoch'], row[key])
-        for row in rows
-        if row.get(key) is not None and (scale == 'linear' or row[key] > 0)
-      ]
-      if points:
-        epochs, values = zip(*points, strict=True)
-        ax.plot(epochs, values, marker='.' if len(points) < 30 else None, label=name)
-    ax.set_yscale(scale)
-    ax.set_xlabel('epoch')
-    ax.set_title(label)
-    ax.grid(True, alpha=0.3)
-  axes[1].legend(loc='lower right')  # 'best' would cost more than the whole drawing.
-  figure.savefig(path, dpi=100)
-
-
 def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
     os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
@@ -773,6 +727,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if info.num_classes != config.num_classes:
     raise _invalid('num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}')
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
+  # The stored config says how long an epoch was, so that a changed data set shows too.
+  config.steps_per_epoch = steps_per_epoch
+  # Before anything is compiled: a resume must not change the trajectory.
+  check_config(workdir, config)
   axis_name = AXIS_NAME if config.parallelism == 'pmap' else None
   model = create_model(config, axis_name=axis_name)
   tx = create_optimizer(config, steps_per_epoch, axis_name=axis_name)
@@ -790,7 +748,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # Rows past the checkpoint belong to epochs that will be trained again.
   history = [row for row in read_metrics(metrics_path) if row['epoch'] <= start_epoch]
   if is_writer:
-    _write_metrics(metrics_path, history)
+    write_metrics(metrics_path, history)
   if start_epoch:
     logging.info('Resuming from the checkpoint after epoch %d.', start_epoch)
   elapsed_before = history[-1]['wall_time'] if history else 0.0
@@ -803,6 +761,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       parallel, state, config, epoch=epoch, steps_per_epoch=steps_per_epoch
     )
     host_state = parallel.get_state(state)
+    if is_writer and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+      write_config(workdir, config)
     # Saved in the background while the test split is evaluated.
     manager.save(
       epoch + 1,
@@ -818,7 +778,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       'learning_rate': float(learning_rate_fn(optimizer_step)),
       'wall_time': elapsed_before + time.perf_counter() - start,
     }
-    row = {key: _finite_or_none(value) for key, value in row.items()}
+    row = {key: finite_or_none(value) for key, value in row.items()}
     # The row is written only once its checkpoint is on disk: after a crash the
     # metrics never run ahead of what a resumed run restores.
     manager.wait_until_finished()
@@ -828,7 +788,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       *row.values(),
     )
     if is_writer:
-      _write_metrics(metrics_path, history)
+      write_metrics(metrics_path, history)
       plot_curves({config.optimizer: history}, curves_path)
   manager.close()
   return host_state

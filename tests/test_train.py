@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
 
-from examples import compare, train
+from examples import compare, train, workdir
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,18 +262,19 @@ def test_non_finite_steps_are_counted(tmp_path):
 
 
 def test_resume_logs_each_epoch_once_and_continues_exactly(tmp_path):
-  # SGD-SA's schedule does not depend on num_epochs, so a run of 2 epochs resumed to 3
-  # must match an uninterrupted run of 3: this needs the Metropolis key, the cooling
-  # step and the data order of each epoch to be restored.
+  # A run that lost its last epoch (checkpoint and row) resumes after epoch 2 and must
+  # match an uninterrupted run: this needs the Metropolis key, the cooling step and
+  # the data order of each epoch to be restored.
   resumed, straight = tmp_path / 'resumed', tmp_path / 'straight'
-  train.train_and_evaluate(_digits(optimizer='sgd_sa', num_epochs=2), str(resumed))
+  config = functools.partial(_digits, optimizer='sgd_sa', num_epochs=3)
+  train.train_and_evaluate(config(), str(resumed))
+  shutil.rmtree(resumed / train.CHECKPOINT_DIR / '3')
+  rows = _rows(resumed)
   # A row past the last checkpoint, as a crash could leave it, is dropped on resume.
-  with open(resumed / train.METRICS_FILE, 'a') as f:
-    f.write(json.dumps({'epoch': 3, 'train_loss': -1.0}) + '\n')
-  resumed_state = train.train_and_evaluate(_digits(optimizer='sgd_sa', num_epochs=3), str(resumed))
-  straight_state = train.train_and_evaluate(
-    _digits(optimizer='sgd_sa', num_epochs=3), str(straight)
-  )
+  rows[2]['train_loss'] = -1.0
+  workdir.write_metrics(str(resumed / train.METRICS_FILE), rows)
+  resumed_state = train.train_and_evaluate(config(), str(resumed))
+  straight_state = train.train_and_evaluate(config(), str(straight))
 
   resumed_rows, straight_rows = _rows(resumed), _rows(straight)
   _assert_sane(resumed_rows, num_epochs=3, metropolis=True, cool=False)
@@ -282,18 +284,51 @@ def test_resume_logs_each_epoch_once_and_continues_exactly(tmp_path):
         assert resumed_row[key] is None, key
       else:
         np.testing.assert_allclose(resumed_row[key], straight_row[key], rtol=1e-6, err_msg=key)
-  assert resumed_rows[2]['wall_time'] > resumed_rows[1]['wall_time']
   jax.tree.map(np.testing.assert_array_equal, resumed_state.params, straight_state.params)
   jax.tree.map(np.testing.assert_array_equal, resumed_state.rng, straight_state.rng)
 
   # Nothing left to train: the checkpoint is returned and the rows stay.
-  again = train.train_and_evaluate(_digits(optimizer='sgd_sa', num_epochs=3), str(resumed))
+  again = train.train_and_evaluate(config(), str(resumed))
   assert int(again.step) == int(resumed_state.step)
   assert [row['epoch'] for row in _rows(resumed)] == [1, 2, 3]
 
-  # Another optimizer cannot continue this checkpoint, and says why.
+  # Without its stored config, a checkpoint of another optimizer still fails, and says why.
+  os.remove(resumed / workdir.CONFIG_FILE)
   with pytest.raises(ValueError, match='does not fit this config'):
-    train.train_and_evaluate(_digits(optimizer='adam', num_epochs=4), str(resumed))
+    train.train_and_evaluate(_digits(optimizer='adam', num_epochs=3), str(resumed))
+
+
+def test_resume_with_another_trajectory_is_refused(tmp_path, monkeypatch):
+  train.train_and_evaluate(_digits(optimizer='momentum', num_epochs=2), str(tmp_path))
+  with open(tmp_path / workdir.CONFIG_FILE) as f:
+    stored = json.load(f)
+  # The resolved config: the momentum recipe applied, the epoch length derived.
+  assert stored['optimizer'] == 'momentum' and stored['steps_per_epoch'] == 3
+  assert stored['num_epochs'] == 2 and stored['learning_rate'] == 0.01
+
+  def no_compiling(*args, **kwargs):
+    raise AssertionError('compiled before the config was checked')
+
+  # A harmless field may change: the finished run is returned as it is.
+  harmless = _digits(optimizer='momentum', num_epochs=2, steps_per_eval=2)
+  harmless.update(progress_bar=True, checkpoint_max_to_keep=5, parallelism='pmap')
+  state = train.train_and_evaluate(harmless, str(tmp_path))
+  assert int(state.step) == 6
+
+  monkeypatch.setattr(train, 'create_model', no_compiling)
+  changed = _digits(optimizer='momentum', num_epochs=4, seed=3)
+  changed.optimizers.momentum.learning_rate = 0.02
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(changed, str(tmp_path))
+  message = str(error.value)
+  for line in (
+    'config.learning_rate: stored 0.01, new 0.02',
+    'config.num_epochs: stored 2, new 4',
+    'config.seed: stored 0, new 3',
+  ):
+    assert line in message
+  assert 'new workdir' in message
+  assert 'progress_bar' not in message and 'optimizers' not in message
 
 
 # --------------------------------------------------------------------------------------------
