@@ -60,6 +60,24 @@ def scale_by_coolmomentum(
   itself, so a change of :math:`\eta_n` or :math:`\rho_n` acts on the next step only;
   this is not `optax.sgd` with momentum, whose trace sums raw gradients.
 
+  The update takes one optional extra argument, ``learning_rate_multiplier``
+  (default 1): a factor on this step's :math:`\eta_n`. :func:`coolopt.metropolis`
+  passes its step multiplier this way, so that the stored displacement is the move
+  that was made.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import coolopt
+    >>> opt = coolopt.scale_by_coolmomentum(learning_rate=0.5, momentum=0.5)
+    >>> params = jnp.zeros(2)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(jnp.array([1.0, -2.0]), state, params)
+    >>> print(updates)  # -0.5 * (1 + 0.5) / 2 * g
+    [-0.375  0.75 ]
+    >>> updates, state = opt.update(jnp.array([1.0, -2.0]), state, params)
+    >>> print(updates)  # 0.5 * previous displacement - 0.375 * g
+    [-0.5625  1.125 ]
+
   Args:
     learning_rate: :math:`\eta_n`, a number or a schedule of the step count.
     momentum: :math:`\rho_n`, a number or a schedule of the step count (for example
@@ -78,17 +96,20 @@ def scale_by_coolmomentum(
       displacement=optax.tree_utils.tree_zeros_like(params, dtype=accumulator_dtype),
     )
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, learning_rate_multiplier=1.0, **extra_args):
+    del params, extra_args
     rho = _value_at(momentum, state.count)
-    step_size = _value_at(learning_rate, state.count) * (1.0 + rho) / 2.0
+    eta = _value_at(learning_rate, state.count)
+    if not (isinstance(learning_rate_multiplier, float) and learning_rate_multiplier == 1.0):
+      eta = eta * jnp.asarray(learning_rate_multiplier, eta.dtype)
+    step_size = eta * (1.0 + rho) / 2.0
     displacement = jax.tree.map(
       lambda g, dx: (rho * dx - step_size * g).astype(dx.dtype), updates, state.displacement
     )
     updates = jax.tree.map(lambda dx, g: dx.astype(g.dtype), displacement, updates)
     return updates, CoolMomentumState(optax.safe_increment(state.count), displacement)
 
-  return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def coolmomentum(

@@ -299,16 +299,19 @@ def create_rho_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
 
 
 def _base_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, learning_rate: optax.Schedule
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  learning_rate: optax.Schedule,
+  constant_rho: bool = False,
 ) -> optax.GradientTransformation:
   name = config.optimizer
   if name in COOLMOMENTUM_OPTIMIZERS:
     return coolopt.coolmomentum(
       learning_rate,
       config.rho_0,
-      config.num_epochs * steps_per_epoch,
+      None if constant_rho else config.num_epochs * steps_per_epoch,
       cooling=config.cooling,
-      warmup_steps=_epochs_to_steps(config.warmup_epochs, steps_per_epoch),
+      warmup_steps=0 if constant_rho else _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
     )
   if name == 'momentum':
     return optax.sgd(learning_rate, momentum=config.momentum)
@@ -329,7 +332,12 @@ def _base_optimizer(
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, *, axis_name: str | None = None
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  *,
+  axis_name: str | None = None,
+  learning_rate: optax.Schedule | None = None,
+  constant_rho: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """`config.optimizer`, followed by `coolopt.track_kinetic_temperature()`.
 
@@ -347,6 +355,9 @@ def create_optimizer(
     config: a resolved config (see `resolve_config`).
     steps_per_epoch: optimizer steps in an epoch; sets the schedules' lengths.
     axis_name: the `pmap` axis, or None under `jit` with global arrays.
+    learning_rate: replaces the schedule of `create_learning_rate_fn` (not for 'sgd_sa',
+      whose rates are its multipliers); the learning-rate range test sweeps it.
+    constant_rho: hold CoolMomentum's rho at rho_0, without cooling or momentum warm-up.
   """
   if config.optimizer == 'sgd_sa':
     optimizer = coolopt.sgd_sa(
@@ -358,8 +369,9 @@ def create_optimizer(
       axis_name=axis_name,
     )
   else:
-    learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate)
+    if learning_rate is None:
+      learning_rate = create_learning_rate_fn(config, steps_per_epoch)
+    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho)
   if config.optimizer == 'metropolis_coolmomentum':
     temperature = optax.exponential_decay(
       config.metropolis_temperature,
@@ -834,8 +846,8 @@ def evaluate(
 def _optimizer_step(state: TrainState) -> int:
   """The step at which the schedules are read: CoolMomentum's own count if any.
 
-  Metropolis rejections and skipped steps leave the inner optimizer's count behind
-  the training step.
+  Skipped (non-finite) steps leave the optimizer's count behind the training step;
+  Metropolis rejections do not (the wrapped optimizer counts every proposal).
   """
   cool = _find_states(state.opt_state, coolopt.CoolMomentumState)
   return int(cool[0].count) if cool else int(state.step)

@@ -145,6 +145,9 @@ def test_cifar10_resnet20_metropolis_under_pmap(tmp_path):
   assert rows[0]['step'] == 2 and int(state.step) == 2
   # The recipe logs the loss over the whole training set, as the paper's Fig. 1.
   assert rows[0]['eval_train_loss'] > 0 and 0 <= rows[0]['eval_train_accuracy'] <= 1
+  # The cooling runs on the proposal clock: rho = 0 at the last step of the run,
+  # whatever the acceptance rate.
+  assert rows[-1]['rho'] == 0.0
   assert (workdir / train.CURVES_FILE).exists()
   # Checkpoints are named by the run's step.
   assert (workdir / train.CHECKPOINT_DIR / '2').exists()
@@ -209,6 +212,7 @@ def test_pmap_and_jit_train_alike(tmp_path):
     states[parallelism] = train.train_and_evaluate(config, str(tmp_path / parallelism))
   pmap_rows, jit_rows = _rows(tmp_path / 'pmap'), _rows(tmp_path / 'jit')
   _assert_sane(pmap_rows, num_epochs=1, metropolis=True, cool=True)
+  assert pmap_rows[-1]['rho'] == jit_rows[-1]['rho'] == 0.0
   for key in ('train_loss', 'test_loss', 'kinetic_temperature', 'acceptance_rate'):
     np.testing.assert_allclose(pmap_rows[0][key], jit_rows[0][key], rtol=1e-4, err_msg=key)
   for name in ('params', 'batch_stats'):
