@@ -743,8 +743,12 @@ def train_epoch(
   start_step: int = 0,
   step_metrics: StepMetrics | None = None,
   checkpoint: Callable[[TrainState, int, StepMetrics], None] | None = None,
-) -> tuple[TrainState, dict[str, Any]]:
-  """The epoch's batches from `start_step` on; returns the device state and epoch metrics.
+) -> tuple[TrainState, dict[str, Any], StepMetrics]:
+  """The epoch's batches from `start_step` on.
+
+  Returns:
+    The device state, the epoch's metrics (see `summarize_steps`) and its per-step
+    metrics.
 
   Args:
     parallel: the compiled steps (see `create_parallel`).
@@ -812,18 +816,22 @@ def train_epoch(
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start if start is not None else 0.0
   progress.close()
+  # The steps after the first of this process; None without such steps.
+  images_per_sec = timed_steps * config.batch_size / seconds if timed_steps else None
+  return state, summarize_steps(step_metrics, images_per_sec), step_metrics
 
+
+def summarize_steps(step_metrics: StepMetrics, images_per_sec: float | None) -> dict[str, Any]:
+  """The epoch's training metrics from its per-step metrics."""
   stacked = {key: values.astype(np.float64) for key, values in step_metrics.items()}
-  summary = {
+  return {
     'train_loss': _mean(stacked['loss']),
     'train_accuracy': _mean(stacked['accuracy']),
     'kinetic_temperature': _mean(stacked['kinetic_temperature']),
     'acceptance_rate': float(np.mean(stacked['accepted'])) if 'accepted' in stacked else None,
     'skipped_steps': int(np.sum(stacked['skipped'])),
-    # The steps after the first of this process; None without such steps.
-    'images_per_sec': timed_steps * config.batch_size / seconds if timed_steps else None,
+    'images_per_sec': images_per_sec,
   }
-  return state, summary
 
 
 def evaluate(
@@ -871,7 +879,8 @@ class Position:
   Attributes:
     epoch: epochs completed.
     step_in_epoch: steps of the next epoch taken.
-    step_metrics: their per-step metrics (see `empty_step_metrics`).
+    step_metrics: their per-step metrics (see `empty_step_metrics`); at an epoch's end
+      (`step_in_epoch` 0), those of the epoch completed.
     wall_time: seconds of training so far, across resumptions.
   """
 
@@ -1005,27 +1014,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       write_config(workdir, config)
     save_checkpoint(manager, host_state, saved)
 
-  for epoch in range(position.epoch, config.num_epochs):
-    resumed = epoch == position.epoch
-
-    def checkpoint(device_state, steps, step_metrics, epoch=epoch):
-      save(parallel.get_state(device_state), Position(epoch, steps, step_metrics, wall_time()))
-
-    state, summary = train_epoch(
-      parallel,
-      state,
-      config,
-      epoch=epoch,
-      steps_per_epoch=steps_per_epoch,
-      start_step=position.step_in_epoch if resumed else 0,
-      step_metrics=position.step_metrics if resumed else None,
-      checkpoint=checkpoint,
-    )
-    host_state = parallel.get_state(state)
-    # Saved in the background while the test split is evaluated.
-    save(
-      host_state, Position(epoch + 1, 0, empty_step_metrics(config, steps_per_epoch), wall_time())
-    )
+  def finish_epoch(epoch: int, host_state: TrainState, summary: dict[str, Any]) -> None:
     test = evaluate(parallel, state, config)
     summary.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
     if config.eval_train:
@@ -1062,5 +1051,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if is_writer:
       write_metrics(metrics_path, history)
       plot_curves({config.optimizer: history}, curves_path)
+
+  if position.epoch and not position.step_in_epoch and len(history) < position.epoch:
+    # Stopped between the checkpoint at an epoch's end and that epoch's row: the
+    # checkpoint holds the epoch's per-step metrics, the row is made again from them.
+    finish_epoch(position.epoch - 1, host_state, summarize_steps(position.step_metrics, None))
+
+  for epoch in range(position.epoch, config.num_epochs):
+    partial = epoch == position.epoch and position.step_in_epoch > 0
+
+    def checkpoint(device_state, steps, step_metrics, epoch=epoch):
+      save(parallel.get_state(device_state), Position(epoch, steps, step_metrics, wall_time()))
+
+    state, summary, step_metrics = train_epoch(
+      parallel,
+      state,
+      config,
+      epoch=epoch,
+      steps_per_epoch=steps_per_epoch,
+      start_step=position.step_in_epoch if partial else 0,
+      step_metrics=position.step_metrics if partial else None,
+      checkpoint=checkpoint,
+    )
+    host_state = parallel.get_state(state)
+    # Saved in the background while the test split is evaluated, with the epoch's
+    # per-step metrics, from which its row can be made again.
+    save(host_state, Position(epoch + 1, 0, step_metrics, wall_time()))
+    finish_epoch(epoch, host_state, summary)
   manager.close()
   return host_state

@@ -318,6 +318,16 @@ def test_resume_logs_each_epoch_once_and_continues_exactly(tmp_path):
   assert int(again.step) == int(resumed_state.step)
   assert [row['epoch'] for row in _rows(resumed)] == [1, 2, 3]
 
+  # Stopped between the checkpoint at the end of epoch 3 and its row: the row is made
+  # again from the checkpoint, as it was.
+  workdir.write_metrics(str(resumed / train.METRICS_FILE), resumed_rows[:2])
+  train.train_and_evaluate(config(), str(resumed))
+  remade = _rows(resumed)
+  assert [row['epoch'] for row in remade] == [1, 2, 3]
+  assert {k: v for k, v in remade[2].items() if k not in _TIMING} == {
+    k: v for k, v in resumed_rows[2].items() if k not in _TIMING
+  }
+
   # Without its stored config, a checkpoint of another optimizer still fails, and says why.
   os.remove(resumed / workdir.CONFIG_FILE)
   with pytest.raises(ValueError, match='does not fit this config'):
