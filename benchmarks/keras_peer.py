@@ -20,10 +20,12 @@ parameters on both sides) and EfficientNet-B0 (`keras.applications.EfficientNetB
 normalises its input in the graph, two elementwise layers). Images/s is the batch
 over the median step time; the ratio jax / keras is taken round by round.
 
-XLA flags that JAX reads (`XLA_FLAGS`) are shared by the Keras XLA step, which runs
-on TensorFlow's own copy of XLA. From the repository root:
+Like `examples.main`, the script sets `examples.main.CPU_XLA_FLAGS` in `XLA_FLAGS`
+before JAX starts (`--no-xla-flags`: XLA's defaults). TensorFlow's own copy of XLA,
+which runs the Keras XLA step, reads `XLA_FLAGS` too. From the repository root:
 
   python -m benchmarks.keras_peer
+  python -m benchmarks.keras_peer --no-xla-flags
   python -m benchmarks.keras_peer --models resnet20 efficientnet_b0 --rounds 10
 """
 
@@ -44,6 +46,7 @@ import tensorflow as tf
 
 from benchmarks.machine import machine
 from benchmarks.timing import Timed, jax_carry_step, quartiles, ratios, time_rounds
+from examples import main as trainer_main
 from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
@@ -144,7 +147,15 @@ def main() -> None:
     '--keras', nargs='+', choices=('xla', 'graph'), default=['xla', 'graph'],
     help='Keras steps to time: XLA (its default on TensorFlow) and a plain TF graph',
   )  # fmt: skip
+  parser.add_argument(
+    '--xla-flags',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='set the XLA flags that examples.main sets (examples.main.CPU_XLA_FLAGS)',
+  )
   args = parser.parse_args()
+  if args.xla_flags:
+    trainer_main.set_xla_flags()
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
   print(machine())
   print(f'tensorflow {tf.__version__}, keras {keras.__version__}')

@@ -39,6 +39,7 @@ import numpy as np
 
 from benchmarks.machine import machine
 from benchmarks.timing import Timed, jax_carry_step, optimizer_step, quartiles, ratios, time_rounds
+from examples import main as trainer_main
 from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
@@ -115,7 +116,15 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument(
+    '--xla-flags',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='set the XLA flags that examples.main sets (examples.main.CPU_XLA_FLAGS)',
+  )
   args = parser.parse_args()
+  if args.xla_flags:
+    trainer_main.set_xla_flags()
 
   gpu = jax.default_backend() == 'gpu'
   dtype = args.dtype or ('bfloat16' if gpu else 'float32')
