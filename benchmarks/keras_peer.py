@@ -45,8 +45,16 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks.machine import machine
-from benchmarks.timing import Timed, jax_carry_step, quartiles, ratios, time_rounds
-from examples import main as trainer_main
+from benchmarks.timing import (
+  Timed,
+  add_round_arguments,
+  add_xla_flags_argument,
+  jax_carry_step,
+  quartiles,
+  ratios,
+  set_trainer_xla_flags,
+  time_rounds,
+)
 from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
@@ -140,22 +148,14 @@ def main() -> None:
   parser.add_argument('--models', nargs='+', choices=tuple(CONFIGS), default=['resnet20'])
   parser.add_argument('--batch', type=int, help='batch for every model (default per model)')
   parser.add_argument('--image-size', type=int, help='image side (EfficientNet-B0 only)')
-  parser.add_argument('--rounds', type=int, default=10, help='interleaved rounds')
-  parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
+  add_round_arguments(parser, rounds=10, steps=3, warmup=2)
   parser.add_argument(
     '--keras', nargs='+', choices=('xla', 'graph'), default=['xla', 'graph'],
     help='Keras steps to time: XLA (its default on TensorFlow) and a plain TF graph',
   )  # fmt: skip
-  parser.add_argument(
-    '--xla-flags',
-    action=argparse.BooleanOptionalAction,
-    default=True,
-    help='set the XLA flags that examples.main sets (examples.main.CPU_XLA_FLAGS)',
-  )
+  add_xla_flags_argument(parser)
   args = parser.parse_args()
-  if args.xla_flags:
-    trainer_main.set_xla_flags()
+  set_trainer_xla_flags(args)
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
   print(machine())
   print(f'tensorflow {tf.__version__}, keras {keras.__version__}')

@@ -31,7 +31,7 @@ import optax
 
 import coolopt
 from benchmarks.machine import machine
-from benchmarks.timing import jax_carry_step, quartiles, ratios, time_rounds
+from benchmarks.timing import add_round_arguments, jax_carry_step, quartiles, ratios, time_rounds
 
 
 class CNN(nn.Module):
@@ -89,9 +89,7 @@ def make_steps(model: nn.Module) -> dict[str, tuple[Callable, optax.GradientTran
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=128, help='batch size')
-  parser.add_argument('--rounds', type=int, default=30, help='interleaved rounds')
-  parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant')
+  add_round_arguments(parser, rounds=30, steps=3, warmup=3)
   args = parser.parse_args()
 
   model = CNN()

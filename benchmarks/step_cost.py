@@ -30,7 +30,14 @@ import optax
 
 import coolopt
 from benchmarks.machine import machine
-from benchmarks.timing import jax_carry_step, optimizer_step, quartiles, ratios, time_rounds
+from benchmarks.timing import (
+  add_round_arguments,
+  jax_carry_step,
+  optimizer_step,
+  quartiles,
+  ratios,
+  time_rounds,
+)
 
 LEARNING_RATE = 0.01
 BASELINE = 'sgd(momentum=0.9)'
@@ -79,17 +86,14 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', type=int, default=25_000_000, help='number of parameters')
   parser.add_argument('--leaves', type=int, default=50, help='number of parameter arrays')
-  parser.add_argument('--rounds', type=int, default=40, help='interleaved rounds')
+  add_round_arguments(parser, rounds=40, steps=10, warmup=3)
   parser.add_argument(
-    '--steps',
+    '--every',
     type=int,
-    default=10,
-    help='steps per variant and round; a multiple of every k, so that each round of '
-    'track_kinetic_temperature(every=k) holds the same number of computed temperatures',
-  )
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant')
-  parser.add_argument(
-    '--every', type=int, nargs='*', default=[10], help='track_kinetic_temperature(every=k) variants'
+    nargs='*',
+    default=[10],
+    help='track_kinetic_temperature(every=k) variants; make --steps a multiple of every k, so '
+    'that each round holds the same number of computed temperatures',
   )
   parser.add_argument(
     '--reallocate',

@@ -7,6 +7,7 @@ to wait for, `sync` that waits for it, and an optional untimed `before_round`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
@@ -106,3 +107,28 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 def ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
   """Round-by-round ratios: both sides of each saw the same machine."""
   return [a / b for a, b in zip(numerator, denominator, strict=True)]
+
+
+def add_round_arguments(parser: argparse.ArgumentParser, *, rounds: int, steps: int, warmup: int):
+  """--rounds, --steps (per variant and round) and --warmup, with these defaults."""
+  parser.add_argument('--rounds', type=int, default=rounds, help='interleaved rounds')
+  parser.add_argument('--steps', type=int, default=steps, help='steps per variant and round')
+  parser.add_argument('--warmup', type=int, default=warmup, help='untimed steps per variant')
+
+
+def add_xla_flags_argument(parser: argparse.ArgumentParser) -> None:
+  """--xla-flags / --no-xla-flags: whether `set_trainer_xla_flags` sets anything."""
+  parser.add_argument(
+    '--xla-flags',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='set the XLA flags that examples.main sets (examples.main.CPU_XLA_FLAGS)',
+  )
+
+
+def set_trainer_xla_flags(args: argparse.Namespace) -> None:
+  """With `args.xla_flags`, sets the XLA flags of `examples.main`; before JAX starts."""
+  if args.xla_flags:
+    from examples import main as trainer_main
+
+    trainer_main.set_xla_flags()

@@ -38,8 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.machine import machine
-from benchmarks.timing import Timed, jax_carry_step, optimizer_step, quartiles, ratios, time_rounds
-from examples import main as trainer_main
+from benchmarks.timing import (
+  Timed,
+  add_round_arguments,
+  add_xla_flags_argument,
+  jax_carry_step,
+  optimizer_step,
+  quartiles,
+  ratios,
+  set_trainer_xla_flags,
+  time_rounds,
+)
 from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
@@ -112,19 +121,11 @@ def main() -> None:
     choices=('float32', 'bfloat16'),
     help='computation dtype (config.half_precision); default bfloat16 on GPU, float32 else',
   )
-  parser.add_argument('--rounds', type=int, default=10, help='interleaved rounds')
-  parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
+  add_round_arguments(parser, rounds=10, steps=3, warmup=2)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument(
-    '--xla-flags',
-    action=argparse.BooleanOptionalAction,
-    default=True,
-    help='set the XLA flags that examples.main sets (examples.main.CPU_XLA_FLAGS)',
-  )
+  add_xla_flags_argument(parser)
   args = parser.parse_args()
-  if args.xla_flags:
-    trainer_main.set_xla_flags()
+  set_trainer_xla_flags(args)
 
   gpu = jax.default_backend() == 'gpu'
   dtype = args.dtype or ('bfloat16' if gpu else 'float32')
