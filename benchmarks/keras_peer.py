@@ -107,6 +107,7 @@ def keras_resnet20(num_classes: int = 10, l2: float = 1e-4) -> keras.Model:
 
 
 def keras_model(model_name: str, num_classes: int, image_size: int) -> keras.Model:
+  """The Keras counterpart of the trainer's model, with logits as outputs."""
   if model_name == 'resnet20':
     return keras_resnet20(num_classes)
   return keras.applications.EfficientNetB0(
@@ -115,7 +116,15 @@ def keras_model(model_name: str, num_classes: int, image_size: int) -> keras.Mod
   )  # fmt: skip
 
 
-def keras_step(model_name, num_classes, image_size, images, labels, jit_compile) -> Timed:
+def keras_step(
+  model_name: str,
+  num_classes: int,
+  image_size: int,
+  images: np.ndarray,
+  labels: np.ndarray,
+  jit_compile: bool,
+) -> Timed:
+  """Keras' `train_on_batch` of the model, compiled with XLA or as a TensorFlow graph."""
   model = keras_model(model_name, num_classes, image_size)
   model.compile(
     optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
@@ -127,7 +136,10 @@ def keras_step(model_name, num_classes, image_size, images, labels, jit_compile)
   return Timed(lambda: model.train_on_batch(x, y), sync=lambda loss: loss)
 
 
-def jax_step(model_name, images, labels, image_size) -> tuple[Timed, int]:
+def jax_step(
+  model_name: str, images: np.ndarray, labels: np.ndarray, image_size: int
+) -> tuple[Timed, int]:
+  """The trainer's jitted train step, and the model's parameter count."""
   config = CONFIGS[model_name].get_config()
   # The recipe's baseline: optax.sgd(0.01, momentum=0.9), constant for 80 epochs.
   config.optimizer = 'momentum'
