@@ -19,6 +19,8 @@ round. Images/s is the batch over the median of (a).
 On a GPU the defaults are the trainers' scale: bfloat16, ResNet-20 at batch 1024 on
 32x32 images and EfficientNet-B0 at batch 256 on 224x224 images. On a CPU they are
 small enough to finish in minutes: float32, batch 128 at 32x32 and batch 16 at 64x64.
+Like `examples.main`, the script sets `examples.main.CPU_XLA_FLAGS` in `XLA_FLAGS`
+before JAX starts (`--no-xla-flags`: XLA's defaults).
 
 From the repository root:
 
