@@ -122,6 +122,19 @@ def _as_stored_float32(update: chex.Array) -> chex.Array:
 def kinetic_temperature(opt_state: Any) -> chex.Array:
   """The rescaled kinetic temperature of the last update, found in any nested optimizer state.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import coolopt
+    >>> opt = optax.chain(
+    ...   coolopt.coolmomentum(learning_rate=0.5, rho_0=0.5, total_steps=10),
+    ...   coolopt.track_kinetic_temperature(),
+    ... )
+    >>> params = jnp.zeros(2)
+    >>> updates, state = opt.update(jnp.array([1.0, -1.0]), opt.init(params), params)
+    >>> print(coolopt.kinetic_temperature(state))  # mean of (0.375 g)**2
+    0.140625
+
   Args:
     opt_state: the state of an optimizer that contains :func:`track_kinetic_temperature`.
 

@@ -2,6 +2,7 @@ r"""Metropolis acceptance around any optimizer, and SGD-SA."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -12,6 +13,8 @@ import numpy as np
 import optax
 
 from coolopt import _checks
+from coolopt.coolmomentum import CoolMomentumState
+from coolopt.diagnostics import KineticTemperatureState
 
 __all__ = ['MetropolisState', 'acceptance_rate', 'metropolis', 'sgd_sa']
 
@@ -25,7 +28,9 @@ class MetropolisState(NamedTuple):
     count: number of proposals made so far (int32); the step at which the
       temperature schedule is evaluated.
     key: the PRNG key (raw uint32 key data), split at every step.
-    inner_state: the state of the wrapped optimizer, as of the last accepted move.
+    inner_state: the state of the wrapped optimizer: its trajectory (floating-point
+      leaves) as of the last accepted move, its clock (integer leaves and injected
+      hyperparameters) as of the last proposal.
     accepted: whether the last proposal was accepted (bool).
     num_accepted: number of accepted proposals (int32).
     delta: the loss change of the last proposal, candidate minus current (float32).
@@ -41,13 +46,61 @@ class MetropolisState(NamedTuple):
   temperature: chex.Array
 
 
-def _key_data(key: int | chex.PRNGKey) -> chex.Array:
-  """Raw uint32 key data from an int seed, a typed key or raw key data."""
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  if jnp.ndim(key) == 0:  # An int seed, possibly traced by `inject_hyperparams`.
-    return jax.random.PRNGKey(key)
-  return jnp.asarray(key, jnp.uint32)
+def _follows_clock(path: tuple[Any, ...], leaf: chex.Array) -> bool:
+  """Whether a leaf of the inner state advances with every proposal.
+
+  Step counters (optax's `count` fields and every other integer leaf) and PRNG keys
+  (raw integer key data, or typed keys) are the clock; so are the hyperparameters
+  that `optax.inject_hyperparams` stores. Floating-point (and boolean) leaves, the
+  displacement, moments and accumulators, describe the trajectory.
+  """
+  dtype = jnp.result_type(leaf)
+  if jnp.issubdtype(dtype, jnp.integer) or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return True
+  return any(getattr(entry, 'name', getattr(entry, 'key', None)) == 'hyperparams' for entry in path)
+
+
+def _roll_back(accepted: chex.Array, new: optax.OptState, old: optax.OptState) -> optax.OptState:
+  """`new` where accepted; otherwise the trajectory of `old` on the clock of `new`."""
+
+  def select(path, new_leaf, old_leaf):
+    if _follows_clock(path, new_leaf):
+      return new_leaf
+    return jnp.where(accepted, new_leaf, old_leaf)
+
+  return jax.tree_util.tree_map_with_path(select, new, old)
+
+
+def _check_not_in_multi_steps() -> None:
+  """Refuses to run inside `optax.MultiSteps`, which calls its inner update at every
+  micro-step: the test would run, and cost a forward pass, k times per real step,
+  each time on one micro-batch."""
+  frame = sys._getframe(2)
+  while frame is not None:
+    if frame.f_code.co_name in ('update', '_do_update') and isinstance(
+      frame.f_locals.get('self'), optax.MultiSteps
+    ):
+      raise ValueError(
+        'coolopt.metropolis cannot run inside optax.MultiSteps: MultiSteps calls it at '
+        'every micro-step, so the Metropolis test would take a decision, and evaluate '
+        'value_fn, k times per optimizer step, each on one micro-batch. Accumulate the '
+        'gradient and the loss over the micro-batches in the train step instead (for '
+        'example with jax.lax.scan), and call the optimizer once per step with a value_fn '
+        'that evaluates the candidate on all of them.'
+      )
+    frame = frame.f_back
+
+
+def _as_scalar_loss(name: str, value: Any) -> chex.Array:
+  """`value` as a scalar of at least float32 precision; a ValueError if not a scalar."""
+  value = jnp.asarray(value)
+  if value.ndim != 0:
+    raise ValueError(
+      f'metropolis needs {name} to be a scalar loss, got an array of shape {value.shape}: '
+      'reduce it (e.g. with jnp.mean) before the Metropolis test, which takes one '
+      'decision for the whole step.'
+    )
+  return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
 
 def metropolis(
@@ -60,9 +113,9 @@ def metropolis(
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accepts or rolls back each step of ``inner`` by the Metropolis criterion.
 
-  At step :math:`n` the inner optimizer proposes an update :math:`v`; a multiplier
-  :math:`m` is drawn uniformly from ``multipliers`` and the candidate
-  :math:`x' = x + m v` is evaluated on the same minibatch. With
+  At step :math:`n` the inner optimizer proposes an update :math:`u` with a step
+  multiplier :math:`m` drawn uniformly from ``multipliers``, and the candidate
+  :math:`x' = x + u` is evaluated on the same minibatch. With
   :math:`\delta = L(x') - L(x)` it is accepted with probability
 
   .. math::
@@ -70,21 +123,54 @@ def metropolis(
     p = \min\left(1, e^{-\delta / T_n}\right),
 
   so improving moves are always accepted and a non-finite :math:`L(x')` never is.
-  A rejected move is rolled back completely: the update is zero and the inner
-  optimizer's state stays as it was before the step (as in `optax.apply_if_finite`).
+
+  **One clock.** A rejected move is rolled back: the update is zero and the inner
+  optimizer's *trajectory* stays as it was (its floating-point state: CoolMomentum's
+  displacement, momentum traces, Adam's moments, accumulators). Its *clock* advances
+  with every proposal, accepted or not: integer leaves (the ``count`` of every optax
+  state and of :func:`coolopt.coolmomentum`, other step counters, raw PRNG key data)
+  and the hyperparameters stored by `optax.inject_hyperparams`. After :math:`N`
+  proposals every schedule inside ``inner`` (cooling, learning-rate decay and
+  warm-up, Adam's bias correction) reads step :math:`N`, as does the temperature
+  :math:`T_n`: ``metropolis(coolmomentum(..., total_steps=S), T)`` reaches
+  :math:`\rho = 0` at proposal :math:`S` whatever the acceptance rate.
+
+  **The multiplier is the step's learning-rate factor.** The inner state after an
+  accepted move is the one the inner optimizer would hold had it proposed the move
+  itself with its learning rate multiplied by :math:`m`. For
+  :func:`coolopt.coolmomentum` the multiplier reaches its update as the extra
+  argument ``learning_rate_multiplier`` (the displacement stored is the one made);
+  for other optimizers the proposal is :math:`m v` for the inner update :math:`v`,
+  which is the same for every optax optimizer whose state does not depend on its
+  learning rate (`optax.sgd` with or without momentum, Adam, RMSProp, ...). An inner
+  chain that records its own output (:func:`coolopt.track_kinetic_temperature`) is
+  refused with multipliers; place such a transformation after ``metropolis``.
 
   The update is called as ``update(updates, state, params, value=L(x), value_fn=L)``,
   where ``value`` is the loss already computed with the gradient, so a step costs
-  exactly one extra forward pass, ``value_fn(params + u)``. Extra keyword
-  arguments that ``value_fn`` takes by name are passed on to it (for example
-  ``batch=...``); all of them are passed to ``inner``.
+  exactly one extra forward pass, ``value_fn(params + u)``. Both must be scalars;
+  :math:`\delta` is computed in float32 at least. Compute the loss in float32 when
+  the model runs in bfloat16: a bfloat16 loss near 2 rounds a true :math:`\delta`
+  of 0.002 to 0, and every such move is accepted. Extra keyword arguments that
+  ``value_fn`` takes by name are passed on to it (for example ``batch=...``); all
+  of them are passed to ``inner``.
 
   ``value_fn`` must compute the loss exactly as ``value`` was computed: the same
   minibatch, the same BatchNorm mode and the same dropout key, only discarding its
   batch-statistics update. Otherwise :math:`\delta` compares two different
   functions (say batch statistics against running averages) and the test is
   biased. It may also be another objective than the training loss, such as the
-  minibatch error rate.
+  minibatch error rate, and it must include every term the optimizer descends
+  (an L2 penalty, say) for the test to judge that objective.
+
+  **Composition.** The test judges the update it returns: transformations placed
+  after ``metropolis`` in a chain must not change the update (a tracker such as
+  :func:`coolopt.track_kinetic_temperature` may follow; `optax.scale`,
+  `optax.contrib.reduce_on_plateau` or a clipping step belong inside ``inner``).
+  Weight decay added after the test would move the parameters by a step that was
+  never tested. Inside `optax.MultiSteps`, which calls its inner update at every
+  micro-step, ``metropolis`` raises a ValueError; accumulate the micro-batches in
+  the train step instead.
 
   ``metropolis(coolopt.coolmomentum(...), T)`` is annealed Langevin dynamics with a
   Metropolis correction: each CoolMomentum step is a proposal, accepted by the
@@ -116,12 +202,18 @@ def metropolis(
     temperature: :math:`T_n > 0`, a number or a schedule of the step count.
     multipliers: the set :math:`H` of step multipliers, drawn uniformly; default
       ``(1.0,)``.
-    key: an int seed or a `jax.random` key.
+    key: an int seed, or a `jax.random` key of any implementation (``threefry2x32``,
+      ``rbg``, ``unsafe_rbg``); the state keeps its raw data, so orbax saves it.
     axis_name: the mapped axis over which losses are averaged, if any.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose update requires the keyword
     arguments ``value`` and ``value_fn``.
+
+  Raises:
+    ValueError: at trace time, if ``params`` is None, ``value`` or the result of
+      ``value_fn`` is not a scalar, multipliers meet an inner optimizer that records
+      its own output, or the update runs inside `optax.MultiSteps`.
 
   References:
     Fischetti & Stringher, `Embedded hyper-parameter tuning by Simulated Annealing
@@ -145,6 +237,9 @@ def metropolis(
         f'multipliers={multipliers!r}.'
       )
   inner = optax.with_extra_args_support(inner)
+  key_data, key_impl = _checks.key_data_and_impl(key)
+  # The default (1.0,) needs no draw and leaves the update untouched.
+  multiplied = isinstance(multipliers, jax.core.Tracer) or tuple(multipliers) != (1.0,)
 
   def temperature_at(count):
     value = temperature(count) if callable(temperature) else temperature
@@ -153,7 +248,7 @@ def metropolis(
   def init_fn(params: optax.Params) -> MetropolisState:
     return MetropolisState(
       count=jnp.zeros([], jnp.int32),
-      key=_key_data(key),
+      key=key_data,
       inner_state=inner.init(params),
       accepted=jnp.ones([], jnp.bool_),
       num_accepted=jnp.zeros([], jnp.int32),
@@ -172,17 +267,31 @@ def metropolis(
   ) -> tuple[optax.Updates, MetropolisState]:
     if params is None:
       raise ValueError('metropolis needs params to evaluate the candidate; got params=None.')
-    proposal, inner_state = inner.update(
-      updates, state.inner_state, params, value=value, value_fn=value_fn, **extra_args
-    )
-    key, multiplier_key, accept_key = jax.random.split(state.key, 3)
-    choices = jnp.asarray(multipliers, jnp.float32)
-    multiplier = choices[jax.random.randint(multiplier_key, [], 0, choices.shape[0])]
-    proposal = jax.tree.map(lambda u: (multiplier * u).astype(u.dtype), proposal)
+    _check_not_in_multi_steps()
+    current = _as_scalar_loss('value', value)
+    typed_key = jax.random.wrap_key_data(state.key, impl=key_impl)
+    key, multiplier_key, accept_key = jax.random.split(typed_key, 3)
+
+    inner_args = dict(extra_args, value=value, value_fn=value_fn)
+    lr_factor = bool(_checks.find_states(state.inner_state, CoolMomentumState))
+    if multiplied:
+      if not lr_factor and _checks.find_states(state.inner_state, KineticTemperatureState):
+        raise ValueError(
+          'metropolis with multipliers would scale the update after the inner '
+          'optimizer has recorded it: place coolopt.track_kinetic_temperature() after '
+          'coolopt.metropolis(...) in the chain, not inside it.'
+        )
+      choices = jnp.asarray(multipliers, jnp.float32)
+      multiplier = choices[jax.random.randint(multiplier_key, [], 0, choices.shape[0])]
+      if lr_factor:
+        inner_args['learning_rate_multiplier'] = multiplier
+    proposal, inner_state = inner.update(updates, state.inner_state, params, **inner_args)
+    if multiplied and not lr_factor:
+      proposal = jax.tree.map(lambda u: (multiplier * u).astype(u.dtype), proposal)
 
     fn_kwargs = _checks.split_kwargs_for(value_fn, extra_args)
-    candidate = jnp.asarray(value_fn(optax.apply_updates(params, proposal), **fn_kwargs))
-    current = jnp.asarray(value)
+    candidate = value_fn(optax.apply_updates(params, proposal), **fn_kwargs)
+    candidate = _as_scalar_loss('the result of value_fn', candidate)
     if axis_name is not None:
       current, candidate = jax.lax.pmean((current, candidate), axis_name)
     delta = candidate - current
@@ -193,13 +302,10 @@ def metropolis(
       jax.random.uniform(accept_key, dtype=jnp.float32) < jnp.exp(-delta / temp)
     )
     updates = jax.tree.map(lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), proposal)
-    inner_state = jax.tree.map(
-      lambda new, old: jnp.where(accepted, new, old), inner_state, state.inner_state
-    )
     return updates, MetropolisState(
       count=optax.safe_increment(state.count),
-      key=key,
-      inner_state=inner_state,
+      key=jax.random.key_data(key),
+      inner_state=_roll_back(accepted, inner_state, state.inner_state),
       accepted=accepted,
       num_accepted=jnp.where(
         accepted, optax.safe_increment(state.num_accepted), state.num_accepted
@@ -274,6 +380,18 @@ def sgd_sa(
 
 def acceptance_rate(opt_state: Any) -> chex.Array:
   """The fraction of proposals accepted so far, found in any nested optimizer state.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import coolopt
+    >>> opt = optax.chain(optax.clip(1.0), coolopt.metropolis(optax.sgd(0.1), 1e-3))
+    >>> params = jnp.array([1.0])
+    >>> state = opt.init(params)
+    >>> loss = lambda x: jnp.sum(x**2)
+    >>> updates, state = opt.update(2 * params, state, params, value=loss(params), value_fn=loss)
+    >>> print(coolopt.acceptance_rate(state))  # an improving move is always accepted
+    1.0
 
   Args:
     opt_state: the state of an optimizer that contains :func:`metropolis`.

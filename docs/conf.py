@@ -4,22 +4,29 @@ Build offline with warnings as errors::
 
   sphinx-build -W --keep-going -b html docs docs/_build/html
 
-Notebooks are rendered as stored (without outputs): the test suite executes them.
-The schedules figure of the method page is drawn from coolopt itself when the
-build starts.
+The notebooks are stored without outputs and executed when the site is built
+(cached in the build directory's ``.jupyter_cache``, so a rebuild runs only those that
+changed); a cell that raises fails the build. The schedules figure of the method
+page is drawn from coolopt itself when the build starts.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
-# coolopt from this checkout, whether or not it is installed.
+# coolopt from this checkout, whether or not it is installed, here and in the
+# kernels that execute the notebooks.
 sys.path.insert(0, str(ROOT))
+os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+# The kernels draw with the notebook backend, whatever MPLBACKEND the build was started
+# with (Agg, in the tests, would make plt.show() draw nothing).
+os.environ.pop('MPLBACKEND', None)
 
 import coolopt  # noqa: E402
 
@@ -78,7 +85,10 @@ napoleon_use_ivar = True
 # MyST and notebooks.
 myst_enable_extensions = ['amsmath', 'dollarmath', 'colon_fence', 'deflist']
 myst_heading_anchors = 3
-nb_execution_mode = 'off'
+nb_execution_mode = 'cache'
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_execution_timeout = 600
 
 # No network while building.
 intersphinx_mapping: dict[str, tuple[str, str | None]] = {}

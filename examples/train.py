@@ -49,6 +49,8 @@ COOLING_SCHEDULES = {
   'linear': coolopt.linear_cooling,
   'friction': coolopt.friction_cooling,
 }
+# Cooling by feedback instead of a schedule: rho follows the measured temperature.
+THERMOSTAT = 'thermostat'
 AXIS_NAME = 'batch'
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
@@ -145,7 +147,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'model', models.MODELS)
   _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
   _check_choice(config, 'parallelism', PARALLELISMS)
-  _check_choice(config, 'cooling', COOLING_SCHEDULES)
+  _check_choice(config, 'cooling', (*COOLING_SCHEDULES, THERMOSTAT))
+  if config.cooling == THERMOSTAT and config.warmup_epochs:
+    raise _invalid('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
   _check_choice(config, 'lr_schedule', LR_SCHEDULES)
   for field in ('num_epochs', 'batch_size', 'num_classes', 'image_size'):
     _check_number(config, field, lower=1, integer=True)
@@ -240,8 +244,9 @@ def create_learning_rate_fn(
 
 
 def create_rho_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule | None:
-  """CoolMomentum's rho as a function of its step; None for the other optimizers."""
-  if config.optimizer not in COOLMOMENTUM_OPTIMIZERS:
+  """CoolMomentum's rho as a function of its step; None for the other optimizers and
+  for the thermostat, whose rho is in its state."""
+  if config.optimizer not in COOLMOMENTUM_OPTIMIZERS or config.cooling == THERMOSTAT:
     return None
   return COOLING_SCHEDULES[config.cooling](
     config.rho_0,
@@ -256,16 +261,24 @@ def _kernel_mask(params: Any) -> Any:
 
 
 def _base_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, learning_rate: optax.Schedule
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  learning_rate: optax.Schedule,
+  constant_rho: bool = False,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformation:
   name = config.optimizer
   if name in COOLMOMENTUM_OPTIMIZERS:
+    # A constant rho (the range test) has no cooling, so no thermostat; the thermostat
+    # averages its measured temperature over the replicas.
+    thermostat = not constant_rho and config.cooling == THERMOSTAT
     return coolopt.coolmomentum(
       learning_rate,
       config.rho_0,
-      config.num_epochs * steps_per_epoch,
-      cooling=config.cooling,
-      warmup_steps=_epochs_to_steps(config.warmup_epochs, steps_per_epoch),
+      None if constant_rho else config.num_epochs * steps_per_epoch,
+      cooling='exponential' if constant_rho else config.cooling,
+      warmup_steps=0 if constant_rho else _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
+      **({'axis_name': axis_name} if thermostat else {}),
     )
   if name == 'momentum':
     return optax.sgd(learning_rate, momentum=config.momentum)
@@ -286,7 +299,12 @@ def _base_optimizer(
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, *, axis_name: str | None = None
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  *,
+  axis_name: str | None = None,
+  learning_rate: optax.Schedule | None = None,
+  constant_rho: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """`config.optimizer`, with weight decay first and `coolopt.track_kinetic_temperature()` last.
 
@@ -300,6 +318,9 @@ def create_optimizer(
     config: a resolved config (see `resolve_config`).
     steps_per_epoch: optimizer steps in an epoch; sets the schedules' lengths.
     axis_name: the `pmap` axis, or None under `jit` with global arrays.
+    learning_rate: replaces the schedule of `create_learning_rate_fn` (not for 'sgd_sa',
+      whose rates are its multipliers); the learning-rate range test sweeps it.
+    constant_rho: hold CoolMomentum's rho at rho_0, without cooling or momentum warm-up.
   """
   if config.optimizer == 'sgd_sa':
     optimizer = coolopt.sgd_sa(
@@ -311,8 +332,9 @@ def create_optimizer(
       axis_name=axis_name,
     )
   else:
-    learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate)
+    if learning_rate is None:
+      learning_rate = create_learning_rate_fn(config, steps_per_epoch)
+    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho, axis_name)
   if config.optimizer == 'metropolis_coolmomentum':
     temperature = optax.exponential_decay(
       config.metropolis_temperature,
@@ -481,6 +503,9 @@ def train_step(
     'kinetic_temperature': coolopt.kinetic_temperature(new_state.opt_state),
     'skipped': jnp.logical_not(finite).astype(jnp.float32),
   }
+  thermostat_states = _find_states(new_state.opt_state, coolopt.ThermostatState)
+  if thermostat_states:
+    metrics['target_temperature'] = thermostat_states[0].target_temperature
   metropolis_states = _find_states(opt_state, coolopt.MetropolisState)
   if metropolis_states:
     metrics['accepted'] = (metropolis_states[0].accepted & finite).astype(jnp.float32)
@@ -648,6 +673,10 @@ def train_epoch(
     'train_accuracy': _mean(stacked['accuracy']),
     'kinetic_temperature': _mean(stacked['kinetic_temperature']),
     'acceptance_rate': float(np.mean(stacked['accepted'])) if 'accepted' in stacked else None,
+    # The thermostat's target, to compare with the measured kinetic temperature.
+    'target_temperature': _mean(stacked['target_temperature'])
+    if 'target_temperature' in stacked
+    else None,
     'skipped_steps': int(np.sum(stacked['skipped'])),
     'images_per_sec': len(step_metrics) * config.batch_size / seconds,
   }
@@ -665,11 +694,17 @@ def evaluate(parallel: Parallel, state: TrainState, config: ml_collections.Confi
   return {'test_loss': totals['loss'] / count, 'test_accuracy': totals['correct'] / count}
 
 
+def _thermostat_rho(state: TrainState) -> float | None:
+  """The rho of the thermostat's last update, if the optimizer has one."""
+  thermostat = _find_states(state.opt_state, coolopt.ThermostatState)
+  return float(thermostat[0].rho) if thermostat else None
+
+
 def _optimizer_step(state: TrainState) -> int:
   """The step at which the schedules are read: CoolMomentum's own count if any.
 
-  Metropolis rejections and skipped steps leave the inner optimizer's count behind
-  the training step.
+  Skipped (non-finite) steps leave the optimizer's count behind the training step;
+  Metropolis rejections do not (the wrapped optimizer counts every proposal).
   """
   cool = _find_states(state.opt_state, coolopt.CoolMomentumState)
   return int(cool[0].count) if cool else int(state.step)
@@ -704,7 +739,7 @@ def _finite_or_none(value: Any) -> Any:
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
   """The paper's three panels per epoch, one line per run: training loss (log scale),
-  test accuracy and kinetic temperature (log scale)."""
+  test accuracy and kinetic temperature (log scale; a thermostat's target dotted)."""
   panels = (
     ('train_loss', 'training loss', 'log'),
     ('test_accuracy', 'test accuracy', 'linear'),
@@ -723,7 +758,11 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> N
       ]
       if points:
         epochs, values = zip(*points, strict=True)
-        ax.plot(epochs, values, marker='.' if len(points) < 30 else None, label=name)
+        line = ax.plot(epochs, values, marker='.' if len(points) < 30 else None, label=name)[0]
+      targets = [(row['epoch'], row.get('target_temperature')) for row in rows]
+      targets = [(epoch, value) for epoch, value in targets if value]
+      if key == 'kinetic_temperature' and points and targets:
+        ax.plot(*zip(*targets, strict=True), color=line.get_color(), linestyle=':')
     ax.set_yscale(scale)
     ax.set_xlabel('epoch')
     ax.set_title(label)
@@ -814,7 +853,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       'epoch': epoch + 1,
       'step': int(host_state.step),
       **summary,
-      'rho': float(rho_fn(optimizer_step)) if rho_fn else None,
+      'rho': float(rho_fn(optimizer_step)) if rho_fn else _thermostat_rho(host_state),
       'learning_rate': float(learning_rate_fn(optimizer_step)),
       'wall_time': elapsed_before + time.perf_counter() - start,
     }

@@ -88,6 +88,18 @@ def test_site_builds_without_warnings(site):
     assert (site / f'{page}.html').is_file(), page
 
 
+def test_notebooks_show_their_outputs(site):
+  # Executed when the site is built: every notebook page shows its outputs, and the
+  # figures of those that draw.
+  notebooks = sorted((DOCS / 'notebooks').glob('*.ipynb'))
+  assert notebooks
+  for notebook in notebooks:
+    html = (site / 'notebooks' / f'{notebook.stem}.html').read_text()
+    assert 'cell_output' in html, notebook.name
+    if 'plt.show()' in notebook.read_text():
+      assert re.search(r'<img [^>]*src="[^"]*\.png"', html), notebook.name
+
+
 def test_api_page_documents_every_public_name(site):
   api = (site / 'api.html').read_text()
   missing = [name for name in coolopt.__all__ if f'id="coolopt.{name}"' not in api]
