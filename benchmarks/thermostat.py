@@ -23,9 +23,9 @@ the raw traces go to --out.
 
 From the repository root:
 
-  PYTHONPATH=. python benchmarks/thermostat.py --out docs/thermostat
-  PYTHONPATH=. python benchmarks/thermostat.py --datasets digits --gain 0.5 --out /tmp/t
-  PYTHONPATH=. python benchmarks/thermostat.py --load docs/thermostat  # the table again
+  python -m benchmarks.thermostat --out docs/thermostat
+  python -m benchmarks.thermostat --datasets digits --gain 0.5 --out /tmp/t
+  python -m benchmarks.thermostat --load docs/thermostat  # the table again
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from machine import machine
 
 import coolopt
+from benchmarks.machine import machine
 
 SEEDS = (0, 1, 2)
 # Five learning rates spanning 30x, geometric around each data set's base rate.
