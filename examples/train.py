@@ -743,6 +743,8 @@ def empty_step_metrics(config: ml_collections.ConfigDict, steps_per_epoch: int) 
   keys = ('loss', 'accuracy', 'kinetic_temperature', 'skipped')
   if config.optimizer in METROPOLIS_OPTIMIZERS:
     keys += ('accepted',)
+  if config.optimizer in COOLMOMENTUM_OPTIMIZERS and config.cooling == THERMOSTAT:
+    keys += ('target_temperature',)
   return {key: np.full(steps_per_epoch, np.nan, np.float32) for key in keys}
 
 
