@@ -13,11 +13,7 @@ from coolopt import _checks, schedules
 
 __all__ = ['CoolMomentumState', 'coolmomentum', 'scale_by_coolmomentum']
 
-COOLING_SCHEDULES = {
-  'exponential': schedules.exponential_cooling,
-  'linear': schedules.linear_cooling,
-  'friction': schedules.friction_cooling,
-}
+COOLING_SCHEDULES = schedules.COOLING_SCHEDULES
 
 
 class CoolMomentumState(NamedTuple):

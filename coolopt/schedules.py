@@ -182,3 +182,11 @@ def friction_cooling(
     return (1.0 - r) / (1.0 + r)
 
   return _cooling_schedule(rho_of_step, rho_0, total_steps, warmup_steps)
+
+
+# The clock cooling schedules by name, as `coolopt.coolmomentum(cooling=...)` takes them.
+COOLING_SCHEDULES = {
+  'exponential': exponential_cooling,
+  'linear': linear_cooling,
+  'friction': friction_cooling,
+}

@@ -23,11 +23,8 @@ from coolopt.coolmomentum import CoolMomentumState, scale_by_coolmomentum
 
 __all__ = ['ThermostatState', 'scale_by_thermostat', 'thermostat_state']
 
-TARGET_PATHS = {
-  'exponential': schedules.exponential_cooling,
-  'linear': schedules.linear_cooling,
-  'friction': schedules.friction_cooling,
-}
+# The target paths have the shapes of the clock schedules.
+TARGET_PATHS = schedules.COOLING_SCHEDULES
 
 # Defaults, chosen from the measurements of benchmarks/thermostat.py (docs/thermostat.md).
 DEFAULT_HOT_FRACTION = 0.05

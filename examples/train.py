@@ -58,11 +58,7 @@ COOLMOMENTUM_OPTIMIZERS = ('coolmomentum', 'metropolis_coolmomentum')
 METROPOLIS_OPTIMIZERS = ('sgd_sa', 'metropolis_coolmomentum')
 PARALLELISMS = ('jit', 'pmap')
 LR_SCHEDULES = ('constant', 'piecewise', 'exponential')
-COOLING_SCHEDULES = {
-  'exponential': coolopt.exponential_cooling,
-  'linear': coolopt.linear_cooling,
-  'friction': coolopt.friction_cooling,
-}
+COOLING_SCHEDULES = coolopt.schedules.COOLING_SCHEDULES
 # Cooling by feedback instead of a schedule: rho follows the measured temperature.
 THERMOSTAT = 'thermostat'
 AXIS_NAME = 'batch'

@@ -22,11 +22,7 @@ from matplotlib.figure import Figure
 
 import coolopt
 
-SCHEDULES = {
-  'exponential': coolopt.exponential_cooling,
-  'linear': coolopt.linear_cooling,
-  'friction': coolopt.friction_cooling,
-}
+SCHEDULES = coolopt.schedules.COOLING_SCHEDULES
 RHO_0 = 0.99
 TOTAL_STEPS = 1000
 
