@@ -1,5 +1,7 @@
 """Tests for the AWD-LSTM language model: sizes, tied weights, dropouts, carried state, loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +21,38 @@ def _tokens(batch=3, time=7, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, 23, (batch, time)), jnp.int32)
 
 
-def _init(model, batch=3, time=7):
-  carry = lm.initial_carry(model, batch)
-  return model.init(jax.random.key(0), _tokens(batch, time), carry, train=False)
+def _init(model):
+  """The tiny models' parameters, which do not depend on the dropout rates: initialised once
+  (compiling the initialisers of three layers costs more than all the applies)."""
+  assert (model.vocab_size, model.embedding_size, model.hidden_size) == (23, 6, 10)
+  return _tiny_variables()
+
+
+@functools.cache
+def _tiny_variables():
+  model = _tiny()
+  return _jit_init(model, _tokens(1, 2), lm.initial_carry(model, 1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(model, tokens, carry):
+  return model.init(jax.random.key(0), tokens, carry, train=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval(model, variables, tokens, carry):
+  return model.apply(variables, tokens, carry, train=False)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train(model, variables, tokens, carry, key):
+  return model.apply(variables, tokens, carry, train=True, rngs={'dropout': key})
 
 
 def _apply(model, variables, tokens, carry, key=None):
   if key is None:
-    return model.apply(variables, tokens, carry, train=False)
-  return model.apply(variables, tokens, carry, train=True, rngs={'dropout': jax.random.key(key)})
+    return _eval(model, variables, tokens, carry)
+  return _train(model, variables, tokens, carry, jax.random.key(key))
 
 
 def test_parameter_count_is_the_reference_configuration_less_one_bias_per_gate():
@@ -51,16 +76,15 @@ def test_parameter_count_is_the_reference_configuration_less_one_bias_per_gate()
 
 
 def test_initialisation_is_the_references():
-  model = lm.AWDLSTM(vocab_size=50, embedding_size=40, hidden_size=100, num_layers=2)
-  params = model.init(
-    jax.random.key(0), jnp.zeros((1, 2), jnp.int32), lm.initial_carry(model, 1), train=False
-  )['params']
+  params = _init(_tiny())['params']
   embedding = np.asarray(params['embedding']['embedding'])
   assert 0.09 < np.abs(embedding).max() <= 0.1
   assert np.all(np.asarray(params['decoder_bias']) == 0)
-  for layer, size in (('lstm_0', 100), ('lstm_1', 40)):
-    for leaf in jax.tree.leaves(params[layer]):
-      assert 0.9 / np.sqrt(size) < np.abs(np.asarray(leaf)).max() <= 1 / np.sqrt(size)
+  for layer, size in (('lstm_0', 10), ('lstm_1', 10), ('lstm_2', 6)):
+    values = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(params[layer])])
+    # PyTorch's LSTM default, biases included (the forget gate's is not set to 1).
+    assert 0.95 / np.sqrt(size) < np.abs(values).max() <= 1 / np.sqrt(size)
+    assert abs(np.mean(values)) < 0.1 / np.sqrt(size)
 
 
 def test_output_embedding_is_the_input_embedding():
@@ -84,9 +108,9 @@ def test_dropouts_are_off_in_eval_and_on_in_training():
   tokens, carry = _tokens(), lm.initial_carry(model, 3)
   evaluated, _, _ = _apply(model, variables, tokens, carry)
   # Eval ignores any key: deterministic, and equal to a model without dropouts.
-  again, _, _ = model.apply(
-    variables, tokens, carry, train=False, rngs={'dropout': jax.random.key(9)}
-  )
+  again, _, _ = jax.jit(
+    lambda v: model.apply(v, tokens, carry, train=False, rngs={'dropout': jax.random.key(9)})
+  )(variables)
   np.testing.assert_array_equal(evaluated, again)
   plain, _, _ = _apply(_tiny(**NO_DROPOUT, weight_dropout=0.0), variables, tokens, carry)
   np.testing.assert_array_equal(evaluated, plain)
@@ -99,7 +123,7 @@ def test_dropouts_are_off_in_eval_and_on_in_training():
 @pytest.mark.parametrize('name', ['input_dropout', 'hidden_dropout', 'output_dropout'])
 def test_locked_dropout_masks_are_shared_by_all_time_steps(name):
   model = _tiny(**{**NO_DROPOUT, name: 0.5}, weight_dropout=0.0)
-  variables = _init(model, batch=4, time=9)
+  variables = _init(model)
   tokens, carry = _tokens(4, 9), lm.initial_carry(model, 4)
   _, _, activations = _apply(model, variables, tokens, carry, key=3)
   if name == 'output_dropout':
@@ -119,16 +143,18 @@ def test_locked_dropout_masks_are_shared_by_all_time_steps(name):
 def test_embedding_dropout_drops_whole_words():
   model = _tiny(**{**NO_DROPOUT, 'embedding_dropout': 0.5}, weight_dropout=0.0)
   carry = lm.initial_carry(model, 1)
-  variables = model.init(jax.random.key(0), _tokens(1, 5), carry, train=False)
-  (_, _, _), intermediates = model.apply(
-    variables,
-    _tokens(1, 5),
-    carry,
-    train=True,
-    rngs={'dropout': jax.random.key(4)},
-    capture_intermediates=lambda module, _: isinstance(module, nn.Dropout),
-    mutable=['intermediates'],
-  )
+  variables = _init(model)
+  (_, _, _), intermediates = jax.jit(
+    lambda v: model.apply(
+      v,
+      _tokens(1, 5),
+      carry,
+      train=True,
+      rngs={'dropout': jax.random.key(4)},
+      capture_intermediates=lambda module, _: isinstance(module, nn.Dropout),
+      mutable=['intermediates'],
+    )
+  )(variables)
   # The first dropout is the one over word ids: one factor per word, 0 or 1 / (1 - 0.5).
   word_mask = np.asarray(intermediates['intermediates']['Dropout_0']['__call__'][0])
   assert word_mask.shape == (23, 1)
@@ -176,7 +202,7 @@ def test_drop_recurrent_kernels_masks_only_hidden_to_hidden_kernels():
 def test_carried_state_continues_the_sequence():
   # Two windows with the state carried between them compute what one long window does.
   model = _tiny(**NO_DROPOUT, weight_dropout=0.0)
-  variables = _init(model, time=10)
+  variables = _init(model)
   tokens, carry = _tokens(3, 10), lm.initial_carry(model, 3)
   whole, whole_carry, _ = _apply(model, variables, tokens, carry)
   head, head_carry, _ = _apply(model, variables, tokens[:, :4], carry)
@@ -236,13 +262,17 @@ def test_window_loss_blocks_gradients_into_the_carry_and_learns():
     'mask': jnp.ones((3, 7), jnp.float32),
   }
   carry = lm.initial_carry(model, 3)
-  carry_grads = jax.grad(
-    lambda c: lm.window_loss(model, variables['params'], c, batch, train=False)[0]
+  carry_grads = jax.jit(
+    jax.grad(lambda c: lm.window_loss(model, variables['params'], c, batch, train=False)[0])
   )(carry)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(carry_grads))
-  (objective, (token_loss, count, new_carry)), grads = jax.value_and_grad(
-    lambda p: lm.window_loss(model, p, carry, batch, train=True, rng=jax.random.key(0), alpha=2.0),
-    has_aux=True,
+  (objective, (token_loss, count, new_carry)), grads = jax.jit(
+    jax.value_and_grad(
+      lambda p: lm.window_loss(
+        model, p, carry, batch, train=True, rng=jax.random.key(0), alpha=2.0
+      ),
+      has_aux=True,
+    )
   )(variables['params'])
   assert count == 21
   assert objective > token_loss
