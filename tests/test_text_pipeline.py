@@ -1,5 +1,6 @@
 """Tests for the text corpora and the BPTT batching of the language-model trainer."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -116,3 +117,56 @@ def test_bptt_windows_cover_every_target_once():
   np.testing.assert_array_equal(part[0]['inputs'], windows[1]['inputs'])
   with pytest.raises(ValueError, match='bptt must be a positive integer, got bptt=0'):
     next(tp.bptt_windows(streams, 0))
+
+
+def _config(tmp_path, **fields):
+  _write_ptb(tmp_path, {**SMALL, 'train': SMALL['train'] * 4})
+  config = ml_collections.ConfigDict(
+    {
+      'dataset': 'ptb',
+      'data_dir': str(tmp_path),
+      'batch_size': 4,
+      'eval_batch_size': 2,
+      'bptt': 3,
+      'steps_per_epoch': -1,
+      'steps_per_eval': -1,
+    }
+  )
+  config.update(fields)
+  return config
+
+
+def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
+  config = _config(tmp_path)
+  streams = tp.split_streams(config, 'train')
+  assert streams.shape == (4, 15)  # 60 training tokens in 4 streams
+  assert tp.steps_per_epoch(config) == tp.num_windows(streams, 3) == 5
+  windows = list(tp.create_input_iter(config, 'train', epoch=3, num_local_devices=2))
+  assert len(windows) == 5
+  expected = list(tp.bptt_windows(streams, 3))
+  for window, reference in zip(windows, expected, strict=True):
+    assert window['inputs'].shape == (2, 2, 3)  # [devices, streams per device, bptt]
+    np.testing.assert_array_equal(window['inputs'].reshape(4, 3), reference['inputs'])
+    np.testing.assert_array_equal(window['mask'].reshape(4, 3), reference['mask'])
+  assert [float(w['reset'].max()) for w in windows] == [1, 0, 0, 0, 0]
+  assert all(w['reset'].min() == w['reset'].max() for w in windows)
+  # Resuming inside the epoch yields the rest of the same windows.
+  rest = list(tp.create_input_iter(config, 'train', num_local_devices=2, start_step=3))
+  np.testing.assert_array_equal(rest[0]['targets'], windows[3]['targets'])
+  assert len(rest) == 2
+  # An epoch longer than a pass starts the streams again, from a reset state.
+  longer = list(
+    tp.create_input_iter(_config(tmp_path, steps_per_epoch=7), 'train', num_local_devices=1)
+  )
+  assert [float(w['reset'].max()) for w in longer] == [1, 0, 0, 0, 0, 1, 0]
+  np.testing.assert_array_equal(longer[5]['inputs'], longer[0]['inputs'])
+
+
+def test_trainer_evaluation_windows(tmp_path):
+  config = _config(tmp_path, steps_per_eval=1)
+  assert tp.steps_per_eval(_config(tmp_path), 'valid') == 1  # 4 tokens in 2 streams
+  (window,) = tp.create_input_iter(config, 'valid', num_local_devices=1)
+  assert window['inputs'].shape == (1, 2, 3)
+  np.testing.assert_array_equal(window['mask'][0], [[1, 0, 0], [1, 0, 0]])
+  with pytest.raises(ValueError, match=r'config\.eval_batch_size must be a multiple of the'):
+    next(tp.create_input_iter(config, 'test', num_local_devices=4))
