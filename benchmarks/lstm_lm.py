@@ -16,7 +16,9 @@ same parameters, over the whole step); with `--out DIR` it writes `lstm_lm.json`
 
 From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
 
-  python benchmarks/lstm_lm.py --epochs 8 --out docs/_static
+  python benchmarks/lstm_lm.py --epochs 10 --embedding 96 --hidden 192 --out docs/_static
+  python benchmarks/lstm_lm.py --epochs 10 --embedding 96 --hidden 192 --cooling-epochs 500 \
+    --optimizers coolmomentum   # the first 10 epochs of the authors' 500-epoch cooling
   python benchmarks/lstm_lm.py --embedding 400 --hidden 1150 --epochs 1   # the reference's size
 """
 
@@ -107,7 +109,7 @@ def run(name: str, args, corpus: tp.Corpus) -> dict:
   train = tp.batchify(corpus.train, BATCH_SIZE)
   valid = tp.batchify(corpus.valid, EVAL_BATCH_SIZE)
   steps_per_epoch = tp.num_windows(train, BPTT)
-  tx = make_optimizer(name, args.epochs * steps_per_epoch)
+  tx = make_optimizer(name, (args.cooling_epochs or args.epochs) * steps_per_epoch)
   train_step, eval_step, optimizer_step = make_steps(model, tx)
   init_key, dropout_key = jax.random.split(jax.random.key(args.seed))
   params = jax.jit(
@@ -191,8 +193,15 @@ def main() -> None:
   parser.add_argument('--hidden', type=int, default=256)
   parser.add_argument('--layers', type=int, default=3)
   parser.add_argument('--seed', type=int, default=141)
+  parser.add_argument(
+    '--cooling-epochs',
+    type=int,
+    default=None,
+    help="CoolMomentum's cooling length in epochs (default --epochs); 500 is the authors' run",
+  )
   parser.add_argument('--optimizers', nargs='+', default=['coolmomentum', 'sgd'])
-  parser.add_argument('--out', default=None, help='directory for lstm_lm.json and lstm_lm.png')
+  parser.add_argument('--out', default=None, help='directory for NAME.json and NAME.png')
+  parser.add_argument('--name', default='lstm_lm', help="the files' name in --out")
   args = parser.parse_args()
   print(machine())
   corpus = tp.load_corpus('python_docs')
@@ -211,9 +220,9 @@ def main() -> None:
     )
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, 'lstm_lm.json'), 'w') as f:
+    with open(os.path.join(args.out, f'{args.name}.json'), 'w') as f:
       json.dump({'machine': machine(), 'args': vars(args), 'results': results}, f, indent=2)
-    plot(results, os.path.join(args.out, 'lstm_lm.png'))
+    plot(results, os.path.join(args.out, f'{args.name}.png'))
 
 
 if __name__ == '__main__':
