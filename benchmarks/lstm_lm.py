@@ -182,7 +182,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_yscale('log')
     ax.set_xlabel('epoch')
     ax.grid(True, alpha=0.3)
-  axes[0].legend()
+  axes[1].legend(loc='lower left', fontsize='small')
   figure.savefig(path, dpi=100)
 
 
