@@ -6,6 +6,10 @@
   :func:`sgd_sa`, SGD-SA (Fischetti & Stringher, 2019).
 - :func:`track_kinetic_temperature`: the rescaled kinetic temperature (mean squared
   displacement) of any optimizer, paper Eq. 22.
+- :func:`random_walk`: Gaussian proposals that ignore the gradient; inside
+  :func:`metropolis`, classical simulated annealing of any objective.
+- :func:`lr_range_schedule` and :func:`suggest_learning_rate`: the learning-rate
+  range test.
 """
 
 from coolopt.coolmomentum import CoolMomentumState, coolmomentum, scale_by_coolmomentum
@@ -15,6 +19,13 @@ from coolopt.diagnostics import (
   track_kinetic_temperature,
 )
 from coolopt.metropolis import MetropolisState, acceptance_rate, metropolis, sgd_sa
+from coolopt.random_walk import RandomWalkState, random_walk
+from coolopt.range_test import (
+  divergence_step,
+  lr_range_schedule,
+  smooth_losses,
+  suggest_learning_rate,
+)
 from coolopt.schedules import exponential_cooling, friction_cooling, linear_cooling
 
 __version__ = '0.1.0'
@@ -23,14 +34,20 @@ __all__ = [
   'CoolMomentumState',
   'KineticTemperatureState',
   'MetropolisState',
+  'RandomWalkState',
   'acceptance_rate',
   'coolmomentum',
+  'divergence_step',
   'exponential_cooling',
   'friction_cooling',
   'kinetic_temperature',
   'linear_cooling',
+  'lr_range_schedule',
   'metropolis',
+  'random_walk',
   'scale_by_coolmomentum',
   'sgd_sa',
+  'smooth_losses',
+  'suggest_learning_rate',
   'track_kinetic_temperature',
 ]

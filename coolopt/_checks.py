@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 
 def is_concrete_number(value: Any) -> bool:
@@ -77,16 +78,37 @@ def split_kwargs_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str
   return {k: v for k, v in kwargs.items() if k in accepted}
 
 
+def find_states(tree: Any, state_type: type) -> list[Any]:
+  """Every node of type `state_type` in a (nested) optimizer state, in tree order."""
+  found = optax.tree_utils.tree_get_all_with_path(tree, state_type.__name__)
+  return [node for _, node in found if isinstance(node, state_type)]
+
+
 def find_state(tree: Any, state_type: type, hint: str) -> Any:
   """The one node of type `state_type` in a (nested) optimizer state.
 
   Raises:
     ValueError: if there is none or more than one, with `hint` on what to do.
   """
-  nodes = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, state_type))
-  states = [node for node in nodes if isinstance(node, state_type)]
+  states = find_states(tree, state_type)
   if len(states) != 1:
     raise ValueError(
       f'opt_state must contain exactly one {state_type.__name__}, found {len(states)}: {hint}'
     )
   return states[0]
+
+
+def key_data_and_impl(key: Any) -> tuple[jax.Array, Any]:
+  """Raw uint32 key data and the PRNG implementation to wrap it with again.
+
+  Takes an int seed (possibly traced by `optax.inject_hyperparams`; the default
+  implementation), a typed `jax.random.key` of any implementation (threefry2x32,
+  rbg, unsafe_rbg), or raw key data of the default implementation (the implementation
+  is then None). A state holds the raw data, an integer array that orbax saves and
+  `jnp.where` selects; `jax.random.wrap_key_data(data, impl=impl)` makes it a key.
+  """
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key), jax.random.key_impl(key)
+  if np.ndim(key) == 0:
+    return jax.random.key_data(jax.random.key(key)), None
+  return jax.numpy.asarray(key, jax.numpy.uint32), None

@@ -46,16 +46,6 @@ class MetropolisState(NamedTuple):
   temperature: chex.Array
 
 
-def _key_data_and_impl(key: int | chex.PRNGKey) -> tuple[chex.Array, Any]:
-  """Raw uint32 key data and the PRNG implementation of an int seed, a typed key
-  (of any implementation) or raw key data (of the default implementation)."""
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key), jax.random.key_impl(key)
-  if jnp.ndim(key) == 0:  # An int seed, possibly traced by `inject_hyperparams`.
-    return jax.random.key_data(jax.random.key(key)), None
-  return jnp.asarray(key, jnp.uint32), None
-
-
 def _follows_clock(path: tuple[Any, ...], leaf: chex.Array) -> bool:
   """Whether a leaf of the inner state advances with every proposal.
 
@@ -79,11 +69,6 @@ def _roll_back(accepted: chex.Array, new: optax.OptState, old: optax.OptState) -
     return jnp.where(accepted, new_leaf, old_leaf)
 
   return jax.tree_util.tree_map_with_path(select, new, old)
-
-
-def _contains(tree: Any, state_type: type) -> bool:
-  nodes = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, state_type))
-  return any(isinstance(node, state_type) for node in nodes)
 
 
 def _check_not_in_multi_steps() -> None:
@@ -252,7 +237,7 @@ def metropolis(
         f'multipliers={multipliers!r}.'
       )
   inner = optax.with_extra_args_support(inner)
-  key_data, key_impl = _key_data_and_impl(key)
+  key_data, key_impl = _checks.key_data_and_impl(key)
   # The default (1.0,) needs no draw and leaves the update untouched.
   multiplied = isinstance(multipliers, jax.core.Tracer) or tuple(multipliers) != (1.0,)
 
@@ -288,9 +273,9 @@ def metropolis(
     key, multiplier_key, accept_key = jax.random.split(typed_key, 3)
 
     inner_args = dict(extra_args, value=value, value_fn=value_fn)
-    lr_factor = _contains(state.inner_state, CoolMomentumState)
+    lr_factor = bool(_checks.find_states(state.inner_state, CoolMomentumState))
     if multiplied:
-      if not lr_factor and _contains(state.inner_state, KineticTemperatureState):
+      if not lr_factor and _checks.find_states(state.inner_state, KineticTemperatureState):
         raise ValueError(
           'metropolis with multipliers would scale the update after the inner '
           'optimizer has recorded it: place coolopt.track_kinetic_temperature() after '

@@ -28,14 +28,24 @@ Four datasets are served through one `tf.data` batching path:
 * ``synthetic``: seeded random images whose labels are a fixed linear function
   of the pixels, so that a model can learn them. For benchmarks and tests.
 
-Every train epoch is a deterministic function of ``(config.seed, epoch)``: the
-shuffle seed and the per-example augmentation keys are derived from them, and
-augmentation only uses stateless random ops. A run resumed at an epoch boundary
-therefore sees exactly the batches an uninterrupted run would have seen.
+The global batch sequence of a train epoch is a function of ``(config.seed,
+epoch)`` alone, whatever the number of processes and devices: the epoch is a
+seeded permutation of the whole training split (a new one for each further pass
+when ``steps_per_epoch`` asks for more), batch n holds its examples
+``[n * batch_size, (n + 1) * batch_size)``, and the augmentation of each example is
+keyed by ``(seed, epoch, its position in the epoch)`` with stateless random ops.
+Each process reads only the rows of each global batch that its devices hold (a
+contiguous block, process 0 first) by random access, and can start at any step:
+a run resumed anywhere sees exactly the batches an uninterrupted run would have
+seen, on one process or many.
 
-Each process reads its own slice of a split and yields batches already shaped
-``[num_local_devices, per_device, ...]``. Test batches carry a ``mask`` and the
-last one is padded, so that evaluation covers the whole test split exactly once.
+Random access needs the training split in memory (digits, synthetic data, and the
+TFDS datasets when ``cache``, CIFAR-10's default) or prepared by TFDS as
+ArrayRecord (``--file_format=array_record``; ImageNet's way).
+
+Evaluation batches are read in order, each process its own slice of the split,
+and carry a ``mask``; the last one is padded, so that evaluation covers the
+split exactly once.
 
 Config fields read:
 
@@ -44,16 +54,11 @@ Config fields read:
 * ``image_size``: ImageNet's crop size, the synthetic images' side (default 32).
 * ``seed``: with the epoch number, decides the train order and augmentation.
 * ``steps_per_epoch``, ``steps_per_eval``: -1 (the default) for one pass.
-* ``shuffle_buffer`` (optional): default the whole local train split, or 16
-  batches for ImageNet.
-* ``cache`` (optional): keep the decoded split in memory across epochs;
-  default True, except for ImageNet.
+* ``cache`` (optional): keep the splits in memory across epochs; default
+  True, except for ImageNet.
 * ``num_channels``, ``num_classes``, ``synthetic_train_size``,
   ``synthetic_test_size``: the synthetic data's shape (defaults 3, 10, 1024,
   256).
-
-`tf.data` combines shuffle seeds with TensorFlow's global seed, so a program
-that calls `tf.random.set_seed` must call it with the same value on resumption.
 """
 
 import contextlib
@@ -394,24 +399,19 @@ def _cifar10_pixel_mean(data_dir: str | None) -> np.ndarray:
 _CACHED_SOURCES: dict[tuple[Any, ...], tf.data.Dataset] = {}
 
 
-def _tfds_source(
-  config: ml_collections.ConfigDict, split: str, *, cache: bool, file_seed: int
-) -> tf.data.Dataset:
+def _tfds_source(config: ml_collections.ConfigDict, split: str, *, cache: bool) -> tf.data.Dataset:
+  """This process's slice of `split`, in file order, for evaluation."""
   name = _dataset_name(config)
   builder = _tfds_builder(config)
   key = (name, os.fspath(builder.data_dir), split, jax.process_index(), jax.process_count())
   if cache and key in _CACHED_SOURCES:
     return _CACHED_SOURCES[key]
-  # Shuffling files only helps when the records are read again every epoch; a
-  # cached source is read once, in file order, and shuffled afterwards.
-  shuffle_files = split == 'train' and not cache
   ds = builder.as_dataset(
     split=tfds.split_for_jax_process(_TFDS_SPLITS[name][split]),
-    shuffle_files=shuffle_files,
+    shuffle_files=False,
     # ImageNet is decoded after cropping: decoding only the crop is cheaper.
     decoders={'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None,
     read_config=tfds.ReadConfig(
-      shuffle_seed=file_seed if shuffle_files else None,
       try_autocache=False,
       skip_prefetch=True,
     ),
@@ -462,15 +462,137 @@ def _preprocess_fns(
 # Batching.
 
 
-def _epoch_seeds(config: ml_collections.ConfigDict, epoch: int) -> tuple[int, int, np.ndarray]:
-  """(shuffle seed, file seed, augmentation key) of one epoch on this process."""
-  # SeedSequence mixes its entropy well, so neighbouring epochs and seeds give
-  # unrelated streams. The process index keeps processes from augmenting their
-  # n-th examples alike.
-  state = np.random.SeedSequence(
-    [int(config.seed) % 2**32, epoch, jax.process_index()]
-  ).generate_state(4, dtype=np.uint32)
-  return int(state[0]), int(state[1]), state[2:].astype(np.int64)
+def epoch_order(num_train: int, seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The training-split indices of the first `num_examples` examples of an epoch.
+
+  One seeded permutation of `range(num_train)` per pass over the split, so that every
+  process computes the same global order.
+  """
+  passes = math.ceil(num_examples / num_train)
+  orders = [
+    np.random.default_rng(np.random.SeedSequence([seed % 2**32, epoch, k])).permutation(num_train)
+    for k in range(passes)
+  ]
+  return np.concatenate(orders)[:num_examples]
+
+
+def _augment_key(config: ml_collections.ConfigDict, epoch: int) -> np.ndarray:
+  # SeedSequence mixes its entropy well: neighbouring epochs and seeds give unrelated keys.
+  state = np.random.SeedSequence([int(config.seed) % 2**32, epoch, 2**31]).generate_state(2)
+  return state.astype(np.int64)
+
+
+# Training splits held for random access, kept across epochs.
+_TRAIN_ROWS: dict[tuple[Any, ...], Callable[[np.ndarray], dict[str, np.ndarray]]] = {}
+
+
+def _stack_records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  image = [r['image'] for r in records]
+  return {
+    # Encoded JPEGs (bytes) stay an object array; tf.numpy_function makes them strings.
+    'image': np.array(image, dtype=object) if isinstance(image[0], bytes) else np.stack(image),
+    'label': np.asarray([r['label'] for r in records], np.int32),
+  }
+
+
+def _train_rows(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+  """`read(indices)`: the training examples at `indices`, by random access."""
+  name = _dataset_name(config)
+  if name not in _TFDS_SPLITS:
+    if name == 'digits':
+      images, labels = _digits_arrays()['train']
+    else:
+      sizes = _synthetic_sizes(config)
+      images, labels = _synthetic_arrays(
+        _synthetic_shape(config), config.get('num_classes', 10), sizes['train'], sizes['test']
+      )['train']
+    return lambda indices: {'image': images[indices], 'label': labels[indices]}
+
+  builder = _tfds_builder(config)
+  key = (name, os.fspath(builder.data_dir))
+  if key in _TRAIN_ROWS:
+    return _TRAIN_ROWS[key]
+  split = _TFDS_SPLITS[name]['train']
+  # ImageNet is decoded after cropping: decoding only the crop is cheaper.
+  decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
+  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    source = builder.as_data_source(split=split, decoders=decoders)
+
+    def read(indices):
+      return _stack_records(source.__getitems__([int(i) for i in indices]))
+
+  elif config.get('cache', _CACHE_BY_DEFAULT[name]):
+    ds = builder.as_dataset(
+      split=split,
+      decoders=decoders,
+      read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True),
+    )
+    records = list(ds.batch(1024).as_numpy_iterator())
+    arrays = {
+      'image': np.concatenate([r['image'] for r in records]),
+      'label': np.concatenate([r['label'] for r in records]).astype(np.int32),
+    }
+
+    def read(indices):
+      return {k: v[indices] for k, v in arrays.items()}
+
+  else:
+    raise ValueError(
+      f'The training split of {name} in {builder.data_dir} is stored as '
+      f'{builder.info.file_format.value}, which cannot be read by index, and '
+      f'config.cache=False keeps it out of memory. Prepare it as ArrayRecord with\n'
+      f'  tfds build {name} --file_format=array_record --data_dir=<data_dir>\n'
+      'or set config.cache=True if it fits in memory.'
+    )
+  _TRAIN_ROWS[key] = read
+  return read
+
+
+def _train_batches(
+  config: ml_collections.ConfigDict,
+  info: DatasetInfo,
+  *,
+  epoch: int,
+  global_batch_size: int,
+  num_batches: int,
+  start_step: int,
+) -> tf.data.Dataset:
+  """This process's rows of the epoch's global batches `start_step`, ... as examples."""
+  process, processes = jax.process_index(), jax.process_count()
+  local_batch_size = global_batch_size // processes
+  order = epoch_order(info.num_train, config.seed, epoch, num_batches * global_batch_size)
+  positions = np.arange(num_batches * global_batch_size).reshape(num_batches, global_batch_size)
+  rows = slice(process * local_batch_size, (process + 1) * local_batch_size)
+  positions = positions[start_step:, rows]
+  indices = order.reshape(num_batches, global_batch_size)[start_step:, rows]
+  read = _train_rows(config)
+  train_fn, _ = _preprocess_fns(config)
+  augment_key = _augment_key(config, epoch)
+  sample = read(indices[:1, 0] if indices.size else np.zeros([1], np.int64))
+  image_shape = [local_batch_size, *sample['image'].shape[1:]]
+  image_dtype = tf.string if sample['image'].dtype == object else tf.as_dtype(sample['image'].dtype)
+
+  def fetch(batch_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = read(batch_indices)
+    return rows['image'], rows['label']
+
+  def load(batch_indices, batch_positions):
+    image, label = tf.numpy_function(fetch, [batch_indices], [image_dtype, tf.int32])
+    image = tf.ensure_shape(image, image_shape)
+    label = tf.ensure_shape(label, [local_batch_size])
+    return {'image': image, 'label': label}, batch_positions
+
+  ds = tf.data.Dataset.from_tensor_slices((indices, positions))
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.unbatch()
+  ds = ds.map(
+    lambda example, position: train_fn(
+      example, tf.random.experimental.stateless_fold_in(augment_key, position)
+    ),
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
+  return ds.batch(local_batch_size, drop_remainder=True)
 
 
 def _shard(batch: Example, num_local_devices: int) -> Example:
@@ -492,6 +614,8 @@ def create_input_iter(
   epoch: int,
   global_batch_size: int,
   num_local_devices: int | None = None,
+  evaluation: bool | None = None,
+  start_step: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Returns an iterator over one epoch of this process's batches of `split`.
 
@@ -503,6 +627,9 @@ def create_input_iter(
     global_batch_size: examples per step over all processes and devices.
     num_local_devices: leading dimension of the batches; defaults to
       `jax.local_device_count()`.
+    evaluation: batches for evaluation: no augmentation, a 'mask', the whole split
+      once (the test split: `steps_per_eval` batches). Default: for 'test' only.
+    start_step: the first training batch of the epoch to yield (to resume inside it).
 
   Returns:
     An iterator of numpy dicts with 'image' float32 [num_local_devices,
@@ -529,40 +656,27 @@ def create_input_iter(
     )
   local_batch_size = global_batch_size // jax.process_count()
   info = dataset_info(config)
-  cache = config.get('cache', _CACHE_BY_DEFAULT[name])
-  shuffle_seed, file_seed, augment_key = _epoch_seeds(config, epoch)
-  train_fn, eval_fn = _preprocess_fns(config)
+  if evaluation is None:
+    evaluation = split == 'test'
+  if not evaluation:
+    if split != 'train':
+      raise ValueError(f'Only the train split is trained on, got split={split!r}.')
+    ds = _train_batches(
+      config,
+      info,
+      epoch=epoch,
+      global_batch_size=global_batch_size,
+      num_batches=steps_per_epoch(config, info, global_batch_size),
+      start_step=start_step,
+    )
+    return _finish(ds, num_local_devices)
 
+  cache = config.get('cache', _CACHE_BY_DEFAULT[name])
+  _, eval_fn = _preprocess_fns(config)
   if name in _TFDS_SPLITS:
-    ds = _tfds_source(config, split, cache=cache, file_seed=file_seed)
+    ds = _tfds_source(config, split, cache=cache)
   else:
     ds = _array_source(config, split)
-
-  if split == 'train':
-    shuffle_buffer = config.get('shuffle_buffer')
-    if shuffle_buffer is None:
-      # A full shuffle, as Keras does every epoch, wherever the split fits in
-      # memory; ImageNet gets the buffer of the Flax example.
-      if name == 'imagenet2012':
-        shuffle_buffer = 16 * local_batch_size
-      else:
-        shuffle_buffer = math.ceil(info.num_train / jax.process_count())
-    # With a fixed seed, reshuffling gives each pass of the repeat below its own
-    # deterministic order; it only matters when steps_per_epoch asks for more
-    # than one pass.
-    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
-    # The position in the epoch makes each example's augmentation a function
-    # of (seed, epoch, position) alone, independent of threads and timing.
-    ds = ds.enumerate()
-    ds = ds.map(
-      lambda i, ex: train_fn(ex, tf.random.experimental.stateless_fold_in(augment_key, i)),
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=True,
-    )
-    ds = ds.batch(local_batch_size, drop_remainder=True)
-    ds = ds.take(steps_per_epoch(config, info, global_batch_size))
-    return _finish(ds, num_local_devices)
 
   def with_mask(example: Example) -> Example:
     return {**eval_fn(example), 'mask': tf.constant(1.0, tf.float32)}
@@ -574,5 +688,9 @@ def create_input_iter(
   padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  ds = ds.take(steps_per_eval(config, info, global_batch_size))
+  if split == 'test':
+    num_batches = steps_per_eval(config, info, global_batch_size)
+  else:
+    num_batches = math.ceil(info.num_train / global_batch_size)
+  ds = ds.take(num_batches)
   return _finish(ds, num_local_devices)

@@ -31,6 +31,7 @@ kernels to regularise are the leaves whose path ends in ``(<...conv...>, 'kernel
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +39,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-__all__ = ['MODELS', 'DigitsCNN', 'EfficientNetB0', 'ResNet20', 'conv_kernel_mask', 'get_model']
+__all__ = [
+  'MODELS',
+  'BatchNorm',
+  'DigitsCNN',
+  'EfficientNetB0',
+  'ResNet20',
+  'batch_norm_mask',
+  'conv_kernel_mask',
+  'get_model',
+]
 
 ModuleDef = Any
 
@@ -48,16 +58,103 @@ _BN_MOMENTUM = 0.99
 _BN_EPSILON = 1e-3
 
 
+class BatchNorm(nn.Module):
+  """Batch normalisation whose statistics are taken over groups of `group_size` examples.
+
+  The EfficientNet reference trained on a v2-8 TPU normalises each core's 256 examples
+  apart (its cross-replica groups start above 8 cores), not the global batch of 2048;
+  `group_size=256` does the same on any number of devices. Under `jit` the model sees
+  the global batch and the groups are its consecutive slices; under `pmap` (with
+  `axis_name`) a group smaller than a device's batch is normalised on the device, and a
+  larger one across consecutive replicas. `group_size=None` normalises the whole batch
+  (all replicas under `pmap`), as `flax.linen.BatchNorm`. The running statistics move
+  towards the mean of the groups' statistics; parameter and statistics names are those
+  of `flax.linen.BatchNorm` ('scale', 'bias'; 'mean', 'var').
+
+  Attributes:
+    use_running_average: normalise with the running statistics (inference).
+    momentum: weight of the old running average.
+    epsilon: added to the variance.
+    dtype: the output dtype; statistics are computed in float32.
+    axis_name: the `pmap` axis, or None.
+    group_size: examples per group of statistics, or None for the whole batch.
+  """
+
+  use_running_average: bool
+  momentum: float = _BN_MOMENTUM
+  epsilon: float = _BN_EPSILON
+  dtype: Any = jnp.float32
+  axis_name: str | None = None
+  group_size: int | None = None
+
+  def _groups(self, batch: int) -> tuple[int, Any]:
+    """(examples per local group, the replica groups to average over, or False for none)."""
+    if self.is_initializing():
+      # `init` runs outside `pmap` on a single example.
+      return batch, False
+    if self.axis_name is None:
+      return self.group_size or batch, False
+    replicas = jax.lax.axis_size(self.axis_name)
+    if not self.group_size or self.group_size >= batch * replicas:
+      return batch, None
+    if self.group_size <= batch:
+      return self.group_size, False
+    if self.group_size % batch:
+      raise ValueError(
+        f'group_size={self.group_size} must divide, or be a multiple of, the {batch} '
+        'examples on each replica.'
+      )
+    k = self.group_size // batch
+    return batch, [list(range(i, i + k)) for i in range(0, replicas, k)]
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+      y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+      return y.astype(self.dtype)
+
+    group, replica_groups = self._groups(x.shape[0])
+    if x.shape[0] % group:
+      raise ValueError(f'group_size={group} must divide the batch of {x.shape[0]} examples.')
+    grouped = x.astype(jnp.float32).reshape(x.shape[0] // group, group, *x.shape[1:])
+    axes = tuple(range(1, grouped.ndim - 1))
+    mean = jnp.mean(grouped, axes, keepdims=True)
+    mean_of_square = jnp.mean(jnp.square(grouped), axes, keepdims=True)
+    if replica_groups is not False:
+      mean, mean_of_square = jax.lax.pmean(
+        (mean, mean_of_square), self.axis_name, axis_index_groups=replica_groups
+      )
+    var = jnp.maximum(mean_of_square - jnp.square(mean), 0.0)
+    if not self.is_initializing():
+      m = self.momentum
+      group_axes = tuple(range(grouped.ndim - 1))
+      running_mean.value = m * running_mean.value + (1 - m) * jnp.mean(mean, group_axes)
+      running_var.value = m * running_var.value + (1 - m) * jnp.mean(var, group_axes)
+    y = (grouped - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(self.dtype)
+
+
 def _batch_norm(
-  train: bool, dtype: Any, axis_name: str | None, momentum: float = _BN_MOMENTUM
+  train: bool,
+  dtype: Any,
+  axis_name: str | None,
+  group_size: int | None = None,
+  momentum: float = _BN_MOMENTUM,
 ) -> ModuleDef:
   return functools.partial(
-    nn.BatchNorm,
+    BatchNorm,
     use_running_average=not train,
     momentum=momentum,
     epsilon=_BN_EPSILON,
     dtype=dtype,
     axis_name=axis_name,
+    group_size=group_size,
   )
 
 
@@ -97,6 +194,7 @@ class ResNet20(nn.Module):
   num_classes: int
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  batch_norm_group_size: int | None = None
   num_blocks: int = 3
   stage_filters: Sequence[int] = (16, 32, 64)
 
@@ -105,7 +203,7 @@ class ResNet20(nn.Module):
     conv = functools.partial(
       nn.Conv, padding='SAME', kernel_init=nn.initializers.he_normal(), dtype=self.dtype
     )
-    norm = _batch_norm(train, self.dtype, self.axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name, self.batch_norm_group_size)
 
     x = conv(self.stage_filters[0], (3, 3), name='conv_init')(x)
     x = nn.relu(norm(name='bn_init')(x))
@@ -222,6 +320,7 @@ class EfficientNetB0(nn.Module):
   num_classes: int
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  batch_norm_group_size: int | None = None
   blocks: Sequence[tuple[int, int, int, int, int, int]] = EFFICIENTNET_B0_BLOCKS
   drop_connect_rate: float = 0.2
   dropout_rate: float = 0.2
@@ -229,7 +328,7 @@ class EfficientNetB0(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_CONV_INIT, dtype=self.dtype)
-    norm = _batch_norm(train, self.dtype, self.axis_name)
+    norm = _batch_norm(train, self.dtype, self.axis_name, self.batch_norm_group_size)
 
     x = conv(32, (3, 3), 2, padding=_correct_pad(x.shape[1:3], 3), name='stem_conv')(x)
     x = nn.swish(norm(name='stem_bn')(x))
@@ -273,13 +372,14 @@ class DigitsCNN(nn.Module):
   num_classes: int
   dtype: Any = jnp.float32
   axis_name: str | None = None
+  batch_norm_group_size: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     # The BatchNorm right after each convolution makes a convolution bias redundant.
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype)
     # A faster running average than Keras' 0.99: a few epochs of digits are only ~100 steps.
-    norm = _batch_norm(train, self.dtype, self.axis_name, momentum=0.9)
+    norm = _batch_norm(train, self.dtype, self.axis_name, self.batch_norm_group_size, momentum=0.9)
     x = nn.relu(norm(name='bn1')(conv(32, name='conv1')(x)))
     x = nn.relu(norm(name='bn2')(conv(64, name='conv2')(x)))
     x = nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -297,7 +397,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def get_model(
-  name: str, num_classes: int, dtype: Any = jnp.float32, *, axis_name: str | None = None
+  name: str,
+  num_classes: int,
+  dtype: Any = jnp.float32,
+  *,
+  axis_name: str | None = None,
+  batch_norm_group_size: int | None = None,
 ) -> nn.Module:
   """Returns the model called ``name`` (one of :data:`MODELS`).
 
@@ -308,10 +413,17 @@ def get_model(
       are returned in float32.
     axis_name: the ``pmap``/``shard_map`` axis over which BatchNorm averages batch statistics;
       ``None`` keeps them per device.
+    batch_norm_group_size: examples per group of BatchNorm statistics (see
+      :class:`BatchNorm`); ``None`` for the whole batch.
   """
   if name not in MODELS:
     raise ValueError(f'Unknown model name={name!r}; known names: {sorted(MODELS)}.')
-  return MODELS[name](num_classes=num_classes, dtype=dtype, axis_name=axis_name)
+  return MODELS[name](
+    num_classes=num_classes,
+    dtype=dtype,
+    axis_name=axis_name,
+    batch_norm_group_size=batch_norm_group_size,
+  )
 
 
 def conv_kernel_mask(params: Any) -> Any:
@@ -326,3 +438,20 @@ def conv_kernel_mask(params: Any) -> Any:
     return len(names) >= 2 and names[-1] == 'kernel' and 'conv' in str(names[-2]).lower()
 
   return jax.tree_util.tree_map_with_path(is_conv_kernel, params)
+
+
+_BATCH_NORM_NAME = re.compile(r'(.*_)?bn\d*(_.*)?')
+
+
+def batch_norm_mask(params: Any) -> Any:
+  """A pytree of bools like ``params``: True exactly for the BatchNorm scales and biases.
+
+  BatchNorm modules are named ``bn``, ``bn<k>``, ``<...>_bn`` or ``bn_<...>``
+  (``bn1``, ``stem_bn``, ``bn_init``, ...).
+  """
+
+  def in_batch_norm(path: tuple[Any, ...], _) -> bool:
+    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+    return len(names) >= 2 and bool(_BATCH_NORM_NAME.fullmatch(names[-2]))
+
+  return jax.tree_util.tree_map_with_path(in_batch_norm, params)

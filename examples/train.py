@@ -1,25 +1,29 @@
 """Trains and evaluates an image classifier with coolopt, after Flax's examples/imagenet.
 
-One step body, `train_step`, runs under `jax.pmap` (`config.parallelism = 'pmap'`:
-gradients, losses, metrics and batch statistics are averaged over the axis 'batch')
-and under a sharded `jax.jit` over a 1-D device mesh (`'jit'`: the batch is one global
-array split over the devices and no axis name appears inside).
+One step body, `train_step`, runs under a sharded `jax.jit` over a 1-D device mesh
+(`config.parallelism = 'jit'`, the default: the batch is one global array split over
+the devices and no axis name appears inside) and under `jax.pmap` (`'pmap'`: gradients,
+losses, metrics and batch statistics are averaged over the axis 'batch').
 
-The workdir receives, from process 0, `metrics.jsonl` (one row per epoch) and
-`curves.png` (the paper's training loss, test accuracy and kinetic temperature), and, from
-all processes together, an orbax checkpoint after every epoch. Running again with
-the same workdir resumes after the last checkpoint.
+A run is a function of its config: the global batches do not depend on the number of
+processes or devices, the resolved config is stored in the workdir (`config.json`) and
+a rerun that would change the trajectory is refused, and a rerun continues from the last
+checkpoint (at every epoch's end, and every `checkpoint_every_steps` steps) exactly where
+an uninterrupted run would be.
+
+The workdir receives, from process 0, `config.json`, `metrics.jsonl` (one row per
+epoch) and `curves.png` (the paper's training loss, test accuracy and kinetic
+temperature), and, from all processes together, the orbax checkpoints, named by step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -34,15 +38,25 @@ from flax import jax_utils, struct
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from matplotlib.figure import Figure
 
 import coolopt
 from examples import input_pipeline, models
+from examples.workdir import (
+  CONFIG_FILE,
+  CURVES_FILE,
+  METRICS_FILE,
+  check_config,
+  finite_or_none,
+  plot_curves,
+  read_metrics,
+  write_config,
+  write_metrics,
+)
 
 OPTIMIZERS = ('coolmomentum', 'momentum', 'adam', 'rmsprop', 'sgd_sa', 'metropolis_coolmomentum')
 COOLMOMENTUM_OPTIMIZERS = ('coolmomentum', 'metropolis_coolmomentum')
 METROPOLIS_OPTIMIZERS = ('sgd_sa', 'metropolis_coolmomentum')
-PARALLELISMS = ('pmap', 'jit')
+PARALLELISMS = ('jit', 'pmap')
 LR_SCHEDULES = ('constant', 'piecewise', 'exponential')
 COOLING_SCHEDULES = {
   'exponential': coolopt.exponential_cooling,
@@ -50,12 +64,11 @@ COOLING_SCHEDULES = {
   'friction': coolopt.friction_cooling,
 }
 AXIS_NAME = 'batch'
-METRICS_FILE = 'metrics.jsonl'
-CURVES_FILE = 'curves.png'
 CHECKPOINT_DIR = 'checkpoints'
 
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
+StepMetrics = dict[str, np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,10 +195,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   boundaries, scales = config.lr_boundaries, config.lr_scales
   if not (
     isinstance(boundaries, (tuple, list))
-    and all(_is_number(b) and b >= 0 for b in boundaries)
+    and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in boundaries)
     and list(boundaries) == sorted(boundaries)
   ):
-    raise _invalid('lr_boundaries', boundaries, 'a sorted tuple of epochs >= 0')
+    raise _invalid('lr_boundaries', boundaries, 'a sorted tuple of whole epochs >= 0')
   if not (
     isinstance(scales, (tuple, list))
     and len(scales) == len(boundaries)
@@ -194,9 +207,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise _invalid(
       'lr_scales', scales, f'a tuple of {len(boundaries)} positive numbers, one per lr_boundaries'
     )
-  if not isinstance(config.half_precision, bool):
-    raise _invalid('half_precision', config.half_precision, 'True or False')
+  for field in ('half_precision', 'eval_train'):
+    if not isinstance(config[field], bool):
+      raise _invalid(field, config[field], 'True or False')
+  _check_number(config, 'ema_decay', lower=0, upper=1)
+  _check_number(config, 'batch_norm_group_size', lower=0, integer=True)
+  group, per_device = config.batch_norm_group_size, config.batch_size // jax.device_count()
+  if group and config.batch_size % group:
+    raise _invalid(
+      'batch_norm_group_size', group, f'0 or a divisor of batch_size {config.batch_size}'
+    )
+  if group and config.parallelism == 'pmap' and per_device % group and group % per_device:
+    raise _invalid(
+      'batch_norm_group_size',
+      group,
+      f'under pmap a divisor or a multiple of the {per_device} examples on each device',
+    )
   _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
+  _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,9 +232,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> nn.Module:
-  """`config.model`, computing in bfloat16 when `config.half_precision`."""
+  """`config.model`, computing in bfloat16 when `config.half_precision`, with BatchNorm
+  statistics over groups of `config.batch_norm_group_size` examples (0: the whole batch)."""
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  return models.get_model(config.model, config.num_classes, dtype, axis_name=axis_name)
+  return models.get_model(
+    config.model,
+    config.num_classes,
+    dtype,
+    axis_name=axis_name,
+    batch_norm_group_size=config.get('batch_norm_group_size') or None,
+  )
 
 
 def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -216,12 +251,20 @@ def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
 def create_learning_rate_fn(
   config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.Schedule:
-  """The learning rate as a function of the optimizer's step, after `config.lr_schedule`."""
+  """The learning rate as a function of the optimizer's step, after `config.lr_schedule`.
+
+  'piecewise' counts as Keras' `lr_schedule(epoch)` of cifar10_resnet.py does: the rate
+  is multiplied by `lr_scales[i]` in the epochs whose 0-based index exceeds
+  `lr_boundaries[i]`, i.e. from step `(lr_boundaries[i] + 1) * steps_per_epoch` on.
+  'exponential' is the EfficientNet TPU reference's rate: x `lr_decay_rate` every
+  `lr_decay_epochs` counted from step 0, and during the first `lr_warmup_epochs` a linear
+  ramp from 0 to the base rate in its place (the decay does not restart after it).
+  """
   base = config.learning_rate
   if config.lr_schedule == 'piecewise':
     boundaries_and_scales = {}
     for epoch, scale in zip(config.lr_boundaries, config.lr_scales, strict=True):
-      step = _epochs_to_steps(epoch, steps_per_epoch)
+      step = (epoch + 1) * steps_per_epoch
       boundaries_and_scales[step] = boundaries_and_scales.get(step, 1.0) * scale
     return optax.piecewise_constant_schedule(base, boundaries_and_scales)
   if config.lr_schedule == 'exponential':
@@ -234,8 +277,13 @@ def create_learning_rate_fn(
     )
     if warmup_steps == 0:
       return decay
-    warmup = optax.linear_schedule(0.0, base, warmup_steps)
-    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+    def warmup_then_decay(step):
+      step = jnp.asarray(step)
+      warmup = base * step.astype(jnp.float32) / warmup_steps
+      return jnp.where(step < warmup_steps, warmup, decay(step))
+
+    return warmup_then_decay
   return optax.constant_schedule(base)
 
 
@@ -250,22 +298,20 @@ def create_rho_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> op
   )
 
 
-def _kernel_mask(params: Any) -> Any:
-  # Kernels of convolutions and dense layers; biases and BatchNorm scales are not decayed.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 def _base_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, learning_rate: optax.Schedule
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  learning_rate: optax.Schedule,
+  constant_rho: bool = False,
 ) -> optax.GradientTransformation:
   name = config.optimizer
   if name in COOLMOMENTUM_OPTIMIZERS:
     return coolopt.coolmomentum(
       learning_rate,
       config.rho_0,
-      config.num_epochs * steps_per_epoch,
+      None if constant_rho else config.num_epochs * steps_per_epoch,
       cooling=config.cooling,
-      warmup_steps=_epochs_to_steps(config.warmup_epochs, steps_per_epoch),
+      warmup_steps=0 if constant_rho else _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
     )
   if name == 'momentum':
     return optax.sgd(learning_rate, momentum=config.momentum)
@@ -286,9 +332,18 @@ def _base_optimizer(
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, steps_per_epoch: int, *, axis_name: str | None = None
+  config: ml_collections.ConfigDict,
+  steps_per_epoch: int,
+  *,
+  axis_name: str | None = None,
+  learning_rate: optax.Schedule | None = None,
+  constant_rho: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """`config.optimizer`, with weight decay first and `coolopt.track_kinetic_temperature()` last.
+  """`config.optimizer`, followed by `coolopt.track_kinetic_temperature()`.
+
+  Weight decay is not part of it: `config.weight_decay` and `config.l2_regularization`
+  are penalties in the loss (see `regularization`), so that the gradients and a
+  Metropolis test see one objective.
 
   The Metropolis optimizers test every step at a temperature `metropolis_temperature`
   multiplied by `metropolis_cooling` after every epoch, averaging the losses over
@@ -300,6 +355,9 @@ def create_optimizer(
     config: a resolved config (see `resolve_config`).
     steps_per_epoch: optimizer steps in an epoch; sets the schedules' lengths.
     axis_name: the `pmap` axis, or None under `jit` with global arrays.
+    learning_rate: replaces the schedule of `create_learning_rate_fn` (not for 'sgd_sa',
+      whose rates are its multipliers); the learning-rate range test sweeps it.
+    constant_rho: hold CoolMomentum's rho at rho_0, without cooling or momentum warm-up.
   """
   if config.optimizer == 'sgd_sa':
     optimizer = coolopt.sgd_sa(
@@ -311,8 +369,9 @@ def create_optimizer(
       axis_name=axis_name,
     )
   else:
-    learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate)
+    if learning_rate is None:
+      learning_rate = create_learning_rate_fn(config, steps_per_epoch)
+    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho)
   if config.optimizer == 'metropolis_coolmomentum':
     temperature = optax.exponential_decay(
       config.metropolis_temperature,
@@ -327,10 +386,7 @@ def create_optimizer(
       key=config.seed,
       axis_name=axis_name,
     )
-  transforms = []
-  if config.weight_decay > 0:
-    transforms.append(optax.add_decayed_weights(config.weight_decay, mask=_kernel_mask))
-  return optax.chain(*transforms, optimizer, coolopt.track_kinetic_temperature())
+  return optax.chain(optimizer, coolopt.track_kinetic_temperature())
 
 
 class TrainState(struct.PyTreeNode):
@@ -343,6 +399,8 @@ class TrainState(struct.PyTreeNode):
     opt_state: the optimizer state (Metropolis keys and cooling counters included).
     rng: raw key data; the dropout key of step n is `fold_in(rng, n)`.
     tx: the optimizer (static).
+    ema: None, or the exponential moving averages `{'params', 'batch_stats'}` that
+      evaluation uses (see `update_ema`).
   """
 
   step: jax.Array
@@ -351,6 +409,13 @@ class TrainState(struct.PyTreeNode):
   opt_state: optax.OptState
   rng: jax.Array
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  ema: Any = None
+
+  def eval_variables(self) -> dict[str, Any]:
+    """The variables evaluation uses: the moving averages if kept, else the weights."""
+    if self.ema is not None:
+      return self.ema
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 def create_train_state(
@@ -358,8 +423,11 @@ def create_train_state(
   model: nn.Module,
   image_shape: Sequence[int],
   tx: optax.GradientTransformation,
+  *,
+  ema: bool = False,
 ) -> TrainState:
-  """A freshly initialised train state, on the host (numpy arrays)."""
+  """A freshly initialised train state, on the host (numpy arrays); with `ema`, moving
+  averages that start at the initial weights and statistics."""
   params_rng, dropout_rng = jax.random.split(rng)
   variables = jax.jit(functools.partial(model.init, train=False))(
     {'params': params_rng}, jnp.zeros((1, *image_shape), jnp.float32)
@@ -372,7 +440,22 @@ def create_train_state(
     rng=dropout_rng,
     tx=tx,
   )
+  if ema:
+    state = state.replace(ema={'params': state.params, 'batch_stats': state.batch_stats})
   return jax.device_get(state)
+
+
+def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
+  """The moving averages after the optimizer's step `step` (0-based) left `variables`.
+
+  As TensorFlow's `ExponentialMovingAverage(decay, num_updates=global_step)` of the
+  EfficientNet reference, applied after the step: with n = step + 1 updates done, the
+  rate is `min(decay, (1 + n) / (10 + n))`, so the first averages follow the weights
+  closely.
+  """
+  n = jnp.asarray(step, jnp.float32) + 1
+  rate = jnp.minimum(decay, (1 + n) / (10 + n))
+  return jax.tree.map(lambda a, v: rate * a + (1 - rate) * v, ema, variables)
 
 
 def _find_states(tree: Any, state_type: type) -> list[Any]:
@@ -395,9 +478,7 @@ def cross_entropy_loss(
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def conv_kernel_l2(params: Any) -> jax.Array:
-  """sum(w**2) over the convolution kernels: Keras' l2 regularizer without its factor."""
-  mask = models.conv_kernel_mask(params)
+def _masked_square_sum(params: Any, mask: Any) -> jax.Array:
   return sum(
     (
       jnp.sum(jnp.square(w))
@@ -406,6 +487,30 @@ def conv_kernel_l2(params: Any) -> jax.Array:
     ),
     start=jnp.zeros([], jnp.float32),
   )
+
+
+def conv_kernel_l2(params: Any) -> jax.Array:
+  """sum(w**2) over the convolution kernels: Keras' l2 regularizer without its factor."""
+  return _masked_square_sum(params, models.conv_kernel_mask(params))
+
+
+def regularization(
+  params: Any, *, l2_regularization: float = 0.0, weight_decay: float = 0.0
+) -> jax.Array:
+  """The penalty added to the loss.
+
+  `l2_regularization * sum(w**2)` over the convolution kernels (Keras' `l2` kernel
+  regularizer of the ResNet reference) plus `weight_decay * sum(w**2) / 2` over every
+  parameter but BatchNorm's (the EfficientNet reference's `weight_decay *
+  tf.nn.l2_loss`), whose gradient is the coupled decay `weight_decay * w`.
+  """
+  penalty = jnp.zeros([], jnp.float32)
+  if l2_regularization:
+    penalty += l2_regularization * conv_kernel_l2(params)
+  if weight_decay:
+    decayed = jax.tree.map(lambda bn: not bn, models.batch_norm_mask(params))
+    penalty += weight_decay / 2 * _masked_square_sum(params, decayed)
+  return penalty
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -419,13 +524,18 @@ def train_step(
   model: nn.Module,
   label_smoothing: float = 0.0,
   l2_regularization: float = 0.0,
+  weight_decay: float = 0.0,
+  ema_decay: float = 0.0,
   axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a (per-device under `pmap`, global under `jit`) batch.
 
-  A step whose averaged loss, gradients or updates are not finite changes neither
-  the parameters, nor the optimizer state, nor the batch statistics; it is counted
-  in the 'skipped' metric.
+  The loss is the objective the optimizer descends: the mean cross-entropy plus
+  `regularization(params)`. A Metropolis optimizer judges that same objective at the
+  current and the candidate parameters. A step whose averaged loss, gradients or
+  updates are not finite changes neither the parameters, nor the optimizer state, nor
+  the batch statistics; it is counted in the 'skipped' metric. With `state.ema`, the
+  moving averages are updated with `ema_decay` (see `update_ema`).
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
@@ -441,13 +551,12 @@ def train_step(
       rngs={'dropout': dropout_rng},
     )
     loss = jnp.mean(cross_entropy_loss(logits, batch['label'], label_smoothing))
-    if l2_regularization:
-      loss += l2_regularization * conv_kernel_l2(params)
+    loss += regularization(params, l2_regularization=l2_regularization, weight_decay=weight_decay)
     return loss, (logits, updates['batch_stats'])
 
   def candidate_loss(params):
     # The Metropolis test compares this with `loss`: the same batch, BatchNorm mode,
-    # dropout key and L2 term; its batch-statistics update is thrown away.
+    # dropout key and penalty; its batch-statistics update is thrown away.
     return loss_fn(params)[0]
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -475,6 +584,9 @@ def train_step(
     batch_stats=keep_if_finite(batch_stats, state.batch_stats),
     opt_state=keep_if_finite(opt_state, state.opt_state),
   )
+  if state.ema is not None:
+    variables = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
+    new_state = new_state.replace(ema=update_ema(state.ema, variables, state.step, ema_decay))
   metrics = {
     'loss': loss,
     'accuracy': accuracy,
@@ -490,10 +602,9 @@ def train_step(
 def eval_step(
   state: TrainState, batch: Batch, *, model: nn.Module, axis_name: str | None = None
 ) -> Metrics:
-  """Sums of loss, correct predictions and real examples (mask 1) over a test batch."""
-  logits = model.apply(
-    {'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False
-  )
+  """Sums of loss, correct predictions and real examples (mask 1) over an evaluation
+  batch, with `state.eval_variables()`."""
+  logits = model.apply(state.eval_variables(), batch['image'], train=False)
   mask = batch['mask']
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   sums = {
@@ -543,6 +654,8 @@ def _pmap_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Paral
     model=model,
     label_smoothing=config.label_smoothing,
     l2_regularization=config.l2_regularization,
+    weight_decay=config.weight_decay,
+    ema_decay=config.ema_decay,
     axis_name=AXIS_NAME,
   )
   evaluate = functools.partial(eval_step, model=model, axis_name=AXIS_NAME)
@@ -567,6 +680,8 @@ def _jit_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Parall
     model=model,
     label_smoothing=config.label_smoothing,
     l2_regularization=config.l2_regularization,
+    weight_decay=config.weight_decay,
+    ema_decay=config.ema_decay,
   )
   evaluate = functools.partial(eval_step, model=model)
 
@@ -610,6 +725,14 @@ def _mean(values: np.ndarray) -> float | None:
   return float(np.mean(values)) if values.size else None
 
 
+def empty_step_metrics(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepMetrics:
+  """The per-step metrics of an epoch before its first step: NaN, one entry per step."""
+  keys = ('loss', 'accuracy', 'kinetic_temperature', 'skipped')
+  if config.optimizer in METROPOLIS_OPTIMIZERS:
+    keys += ('accepted',)
+  return {key: np.full(steps_per_epoch, np.nan, np.float32) for key in keys}
+
+
 def train_epoch(
   parallel: Parallel,
   state: TrainState,
@@ -617,52 +740,115 @@ def train_epoch(
   *,
   epoch: int,
   steps_per_epoch: int,
-) -> tuple[TrainState, dict[str, Any]]:
-  """One pass over the epoch's batches; returns the device state and epoch metrics."""
+  start_step: int = 0,
+  step_metrics: StepMetrics | None = None,
+  checkpoint: Callable[[TrainState, int, StepMetrics], None] | None = None,
+) -> tuple[TrainState, dict[str, Any], StepMetrics]:
+  """The epoch's batches from `start_step` on.
+
+  Returns:
+    The device state, the epoch's metrics (see `summarize_steps`) and its per-step
+    metrics.
+
+  Args:
+    parallel: the compiled steps (see `create_parallel`).
+    state: the device state after `start_step` steps of the epoch.
+    config: the resolved config.
+    epoch: the epoch, from 0.
+    steps_per_epoch: the steps of a whole epoch.
+    start_step: the steps of the epoch already taken (when resuming inside it).
+    step_metrics: the metrics of those steps (see `empty_step_metrics`).
+    checkpoint: called as `checkpoint(device state, steps taken in the epoch, per-step
+      metrics so far)` after every `config.checkpoint_every_steps`-th step of the run,
+      except at the epoch's end.
+  """
+  step_metrics = {
+    key: np.array(values)
+    for key, values in (step_metrics or empty_step_metrics(config, steps_per_epoch)).items()
+  }
   batches = input_pipeline.create_input_iter(
-    config, 'train', epoch=epoch, global_batch_size=config.batch_size
+    config, 'train', epoch=epoch, global_batch_size=config.batch_size, start_step=start_step
   )
   show = config.progress_bar and jax.process_index() == 0
   progress = tqdm.tqdm(
     total=steps_per_epoch,
+    initial=start_step,
     desc=f'epoch {epoch + 1}/{config.num_epochs}',
     unit='step',
     disable=None if show else True,  # None: off when stderr is not a terminal.
   )
-  step_metrics = []
-  start = time.perf_counter()
-  for i, batch in enumerate(batches):
+  every = config.checkpoint_every_steps
+  pending = []  # (step in epoch, device metrics) not yet read.
+
+  def read_pending():
+    if pending:
+      steps, device_metrics = zip(*pending, strict=True)
+      for i, values in zip(steps, parallel.get_metrics(list(device_metrics)), strict=True):
+        for key in step_metrics:
+          step_metrics[key][i] = values[key]
+    pending.clear()
+
+  start = None
+  timed_steps = 0
+  for i, batch in enumerate(batches, start=start_step):
     state, metrics = parallel.train_step(state, parallel.put_batch(batch))
-    step_metrics.append(metrics)
+    pending.append((i, metrics))
+    if start is None:
+      # The clock starts once the first step is done: it may have compiled.
+      jax.block_until_ready(metrics)
+      start = time.perf_counter()
+    else:
+      timed_steps += 1
     progress.update()
     if not progress.disable and (i + 1) % 20 == 0:
       # Reading a loss waits for its step; every 20 steps keeps the devices busy.
       progress.set_postfix(loss=f'{float(parallel.get_metrics(metrics["loss"])):.4f}')
-  step_metrics = parallel.get_metrics(step_metrics)
-  seconds = time.perf_counter() - start
+    done = i + 1
+    if (
+      checkpoint
+      and every
+      and done < steps_per_epoch
+      and (epoch * steps_per_epoch + done) % every == 0
+    ):
+      read_pending()
+      checkpoint(state, done, step_metrics)
+  read_pending()
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start if start is not None else 0.0
   progress.close()
+  # The steps after the first of this process; None without such steps.
+  images_per_sec = timed_steps * config.batch_size / seconds if timed_steps else None
+  return state, summarize_steps(step_metrics, images_per_sec), step_metrics
 
-  stacked = {k: np.asarray([m[k] for m in step_metrics], np.float64) for k in step_metrics[0]}
-  summary = {
+
+def summarize_steps(step_metrics: StepMetrics, images_per_sec: float | None) -> dict[str, Any]:
+  """The epoch's training metrics from its per-step metrics."""
+  stacked = {key: values.astype(np.float64) for key, values in step_metrics.items()}
+  return {
     'train_loss': _mean(stacked['loss']),
     'train_accuracy': _mean(stacked['accuracy']),
     'kinetic_temperature': _mean(stacked['kinetic_temperature']),
     'acceptance_rate': float(np.mean(stacked['accepted'])) if 'accepted' in stacked else None,
     'skipped_steps': int(np.sum(stacked['skipped'])),
-    'images_per_sec': len(step_metrics) * config.batch_size / seconds,
+    'images_per_sec': images_per_sec,
   }
-  return state, summary
 
 
-def evaluate(parallel: Parallel, state: TrainState, config: ml_collections.ConfigDict) -> dict:
-  """Loss and accuracy over the test split (or `config.steps_per_eval` batches)."""
+def evaluate(
+  parallel: Parallel, state: TrainState, config: ml_collections.ConfigDict, split: str = 'test'
+) -> dict[str, float]:
+  """Mean loss and accuracy in inference mode, with `state.eval_variables()`.
+
+  Over the test split (or its first `config.steps_per_eval` batches), or over the
+  whole training split, without augmentation, for `split='train'`.
+  """
   batches = input_pipeline.create_input_iter(
-    config, 'test', epoch=0, global_batch_size=config.batch_size
+    config, split, epoch=0, global_batch_size=config.batch_size, evaluation=True
   )
   sums = [parallel.eval_step(state, parallel.put_batch(batch)) for batch in batches]
   totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get_metrics(sums))
   count = max(totals['count'], 1.0)
-  return {'test_loss': totals['loss'] / count, 'test_accuracy': totals['correct'] / count}
+  return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count}
 
 
 def _optimizer_step(state: TrainState) -> int:
@@ -679,59 +865,6 @@ def _optimizer_step(state: TrainState) -> int:
 # Workdir: metrics, curves, checkpoints
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """The rows of a metrics.jsonl file; [] if it does not exist."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_metrics(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  # Written whole to a temporary file and renamed, so a crash never leaves half a file.
-  temporary = path + '.tmp'
-  with open(temporary, 'w') as f:
-    for row in rows:
-      f.write(json.dumps(row) + '\n')
-  os.replace(temporary, path)
-
-
-def _finite_or_none(value: Any) -> Any:
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  return value
-
-
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
-  """The paper's three panels per epoch, one line per run: training loss (log scale),
-  test accuracy and kinetic temperature (log scale)."""
-  panels = (
-    ('train_loss', 'training loss', 'log'),
-    ('test_accuracy', 'test accuracy', 'linear'),
-    ('kinetic_temperature', 'kinetic temperature (mean dx²)', 'log'),
-  )
-  # Fixed margins: a layout engine would cost more than the drawing, every epoch.
-  figure = Figure(figsize=(13, 3.8))
-  figure.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.91, wspace=0.22)
-  axes = figure.subplots(1, len(panels))
-  for ax, (key, label, scale) in zip(axes, panels, strict=True):
-    for name, rows in runs.items():
-      points = [
-        (row['epoch'], row[key])
-        for row in rows
-        if row.get(key) is not None and (scale == 'linear' or row[key] > 0)
-      ]
-      if points:
-        epochs, values = zip(*points, strict=True)
-        ax.plot(epochs, values, marker='.' if len(points) < 30 else None, label=name)
-    ax.set_yscale(scale)
-    ax.set_xlabel('epoch')
-    ax.set_title(label)
-    ax.grid(True, alpha=0.3)
-  axes[1].legend(loc='lower right')  # 'best' would cost more than the whole drawing.
-  figure.savefig(path, dpi=100)
-
-
 def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
     os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
@@ -739,12 +872,60 @@ def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.
   )
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, int]:
-  """The last checkpoint's state and number of completed epochs; `(state, 0)` if none."""
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where a run stands: what a checkpoint holds beside the train state.
+
+  Attributes:
+    epoch: epochs completed.
+    step_in_epoch: steps of the next epoch taken.
+    step_metrics: their per-step metrics (see `empty_step_metrics`); at an epoch's end
+      (`step_in_epoch` 0), those of the epoch completed.
+    wall_time: seconds of training so far, across resumptions.
+  """
+
+  epoch: int
+  step_in_epoch: int
+  step_metrics: StepMetrics
+  wall_time: float
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, position: Position) -> None:
+  """Starts saving `state` (on the host) and `position`, named by the run's step."""
+  manager.save(
+    int(state.step),
+    args=ocp.args.StandardSave(
+      {
+        'epoch': np.asarray(position.epoch, np.int32),
+        'step_in_epoch': np.asarray(position.step_in_epoch, np.int32),
+        'step_metrics': position.step_metrics,
+        'wall_time': np.asarray(position.wall_time, np.float64),
+        'state': state,
+      }
+    ),
+  )
+
+
+def restore_checkpoint(
+  manager: ocp.CheckpointManager, state: TrainState, step_metrics: StepMetrics
+) -> tuple[TrainState, Position]:
+  """The last checkpoint's state and position; `state` at the start if there is none.
+
+  Args:
+    manager: the run's checkpoints.
+    state: a fresh train state: the target's structure, and the state if there is none.
+    step_metrics: empty per-step metrics of an epoch (see `empty_step_metrics`).
+  """
   latest = manager.latest_step()
   if latest is None:
-    return state, 0
-  target = {'epoch': np.zeros([], np.int32), 'state': state}
+    return state, Position(0, 0, step_metrics, 0.0)
+  target = {
+    'epoch': np.zeros([], np.int32),
+    'step_in_epoch': np.zeros([], np.int32),
+    'step_metrics': step_metrics,
+    'wall_time': np.zeros([], np.float64),
+    'state': state,
+  }
   try:
     restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
   except ValueError as error:
@@ -753,19 +934,34 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState) -> tup
       'written with another model or optimizer. Use another workdir, or the config the '
       f'checkpoint was written with. Orbax says: {error}'
     ) from error
-  return restored['state'], int(restored['epoch'])
+  position = Position(
+    epoch=int(restored['epoch']),
+    step_in_epoch=int(restored['step_in_epoch']),
+    step_metrics={k: np.asarray(v) for k, v in restored['step_metrics'].items()},
+    wall_time=float(restored['wall_time']),
+  )
+  return restored['state'], position
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` for `config.num_epochs` epochs, resuming from `workdir` if it holds
   a checkpoint; evaluates and logs after every epoch.
 
+  A checkpoint is written at every epoch's end and, with `config.checkpoint_every_steps`,
+  every that many steps inside epochs too; a rerun continues from the last one exactly
+  where an uninterrupted run would be. The row of an epoch is written to metrics.jsonl
+  only once the checkpoint at its end is on disk.
+
   Args:
     config: the experiment config (see examples/configs/default.py); validated first.
-    workdir: where checkpoints, `metrics.jsonl` and `curves.png` go.
+    workdir: where checkpoints, `config.json`, `metrics.jsonl` and `curves.png` go.
 
   Returns:
     The final train state, on the host.
+
+  Raises:
+    ValueError: for an invalid config, or one that would change the trajectory of the
+      run stored in `workdir`.
   """
   validate_config(config)
   config = resolve_config(config)
@@ -773,6 +969,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if info.num_classes != config.num_classes:
     raise _invalid('num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}')
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
+  # The stored config says how long an epoch was, so that a changed data set shows too.
+  config.steps_per_epoch = steps_per_epoch
+  # Before anything is compiled: a resume must not change the trajectory.
+  check_config(workdir, config)
   axis_name = AXIS_NAME if config.parallelism == 'pmap' else None
   model = create_model(config, axis_name=axis_name)
   tx = create_optimizer(config, steps_per_epoch, axis_name=axis_name)
@@ -785,30 +985,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
   manager = _checkpoint_manager(workdir, config)
-  host_state = create_train_state(jax.random.PRNGKey(config.seed), model, info.image_shape, tx)
-  host_state, start_epoch = restore_checkpoint(manager, host_state)
+  host_state = create_train_state(
+    jax.random.PRNGKey(config.seed), model, info.image_shape, tx, ema=config.ema_decay > 0
+  )
+  host_state, position = restore_checkpoint(
+    manager, host_state, empty_step_metrics(config, steps_per_epoch)
+  )
   # Rows past the checkpoint belong to epochs that will be trained again.
-  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= start_epoch]
+  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
   if is_writer:
-    _write_metrics(metrics_path, history)
-  if start_epoch:
-    logging.info('Resuming from the checkpoint after epoch %d.', start_epoch)
-  elapsed_before = history[-1]['wall_time'] if history else 0.0
+    write_metrics(metrics_path, history)
+  if manager.latest_step() is not None:
+    logging.info(
+      'Resuming from the checkpoint after epoch %d and %d steps of the next.',
+      position.epoch,
+      position.step_in_epoch,
+    )
 
   parallel = create_parallel(config, model)
   state = parallel.put_state(host_state)
   start = time.perf_counter()
-  for epoch in range(start_epoch, config.num_epochs):
-    state, summary = train_epoch(
-      parallel, state, config, epoch=epoch, steps_per_epoch=steps_per_epoch
-    )
-    host_state = parallel.get_state(state)
-    # Saved in the background while the test split is evaluated.
-    manager.save(
-      epoch + 1,
-      args=ocp.args.StandardSave({'epoch': np.asarray(epoch + 1, np.int32), 'state': host_state}),
-    )
-    summary.update(evaluate(parallel, state, config))
+
+  def wall_time() -> float:
+    return position.wall_time + time.perf_counter() - start
+
+  def save(host_state: TrainState, saved: Position) -> None:
+    if is_writer and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+      write_config(workdir, config)
+    save_checkpoint(manager, host_state, saved)
+
+  def finish_epoch(epoch: int, host_state: TrainState, summary: dict[str, Any]) -> None:
+    test = evaluate(parallel, state, config)
+    summary.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
+    if config.eval_train:
+      # The paper's training loss (its Fig. 1, the authors' Keras callback): the
+      # objective over the whole training set in inference mode, penalty included.
+      train_eval = evaluate(parallel, state, config, 'train')
+      penalty = regularization(
+        host_state.eval_variables()['params'],
+        l2_regularization=config.l2_regularization,
+        weight_decay=config.weight_decay,
+      )
+      summary.update(
+        eval_train_loss=train_eval['loss'] + float(penalty),
+        eval_train_accuracy=train_eval['accuracy'],
+      )
     optimizer_step = _optimizer_step(host_state)
     row = {
       'epoch': epoch + 1,
@@ -816,9 +1037,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       **summary,
       'rho': float(rho_fn(optimizer_step)) if rho_fn else None,
       'learning_rate': float(learning_rate_fn(optimizer_step)),
-      'wall_time': elapsed_before + time.perf_counter() - start,
+      'wall_time': wall_time(),
     }
-    row = {key: _finite_or_none(value) for key, value in row.items()}
+    row = {key: finite_or_none(value) for key, value in row.items()}
     # The row is written only once its checkpoint is on disk: after a crash the
     # metrics never run ahead of what a resumed run restores.
     manager.wait_until_finished()
@@ -828,7 +1049,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       *row.values(),
     )
     if is_writer:
-      _write_metrics(metrics_path, history)
+      write_metrics(metrics_path, history)
       plot_curves({config.optimizer: history}, curves_path)
+
+  if position.epoch and not position.step_in_epoch and len(history) < position.epoch:
+    # Stopped between the checkpoint at an epoch's end and that epoch's row: the
+    # checkpoint holds the epoch's per-step metrics, the row is made again from them.
+    finish_epoch(position.epoch - 1, host_state, summarize_steps(position.step_metrics, None))
+
+  for epoch in range(position.epoch, config.num_epochs):
+    partial = epoch == position.epoch and position.step_in_epoch > 0
+
+    def checkpoint(device_state, steps, step_metrics, epoch=epoch):
+      save(parallel.get_state(device_state), Position(epoch, steps, step_metrics, wall_time()))
+
+    state, summary, step_metrics = train_epoch(
+      parallel,
+      state,
+      config,
+      epoch=epoch,
+      steps_per_epoch=steps_per_epoch,
+      start_step=position.step_in_epoch if partial else 0,
+      step_metrics=position.step_metrics if partial else None,
+      checkpoint=checkpoint,
+    )
+    host_state = parallel.get_state(state)
+    # Saved in the background while the test split is evaluated, with the epoch's
+    # per-step metrics, from which its row can be made again.
+    save(host_state, Position(epoch + 1, 0, step_metrics, wall_time()))
+    finish_epoch(epoch, host_state, summary)
   manager.close()
   return host_state

@@ -178,7 +178,8 @@ def test_cifar10_augmentation_is_a_nearest_fill_shift_and_flip():
 
 
 def test_imagenet2012(tmp_path):
-  config = _config('imagenet2012', data_dir=str(tmp_path), image_size=32)
+  # The mock is stored as TFRecord: random access needs it in memory.
+  config = _config('imagenet2012', data_dir=str(tmp_path), image_size=32, cache=True)
   with _mock_tfds(str(tmp_path), 'imagenet2012'):
     info = input_pipeline.dataset_info(config)
     assert info == input_pipeline.DatasetInfo(
@@ -385,3 +386,67 @@ def test_unknown_dataset_and_split():
     input_pipeline.create_input_iter(
       _config('digits'), 'validation', epoch=0, global_batch_size=4, num_local_devices=1
     )
+
+
+def _process_batches(config, *, processes, devices_per_process, epoch=0, start_step=0):
+  """Every process's train batches, each batch's rows in device order."""
+  per_process = []
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, 'process_count', lambda: processes)
+    for index in range(processes):
+      patch.setattr(jax, 'process_index', lambda index=index: index)
+      per_process.append(
+        list(
+          input_pipeline.create_input_iter(
+            config,
+            'train',
+            epoch=epoch,
+            global_batch_size=8,
+            num_local_devices=devices_per_process,
+            start_step=start_step,
+          )
+        )
+      )
+  return [
+    {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    for batches in zip(*per_process, strict=True)
+  ]
+
+
+def test_the_global_batches_do_not_depend_on_the_process_count(tmp_path):
+  # CIFAR-10's augmentation included: each example's shift and flip are keyed by its
+  # position in the epoch, not by the process that reads it.
+  config = _config('cifar10', data_dir=str(tmp_path), steps_per_epoch=3)
+  with _mock_tfds(str(tmp_path), 'cifar10'):
+    one = _process_batches(config, processes=1, devices_per_process=8)
+    two = _process_batches(config, processes=2, devices_per_process=4)
+    eight = _process_batches(config, processes=8, devices_per_process=1)
+    resumed = _process_batches(config, processes=2, devices_per_process=4, start_step=1)
+    next_epoch = _process_batches(config, processes=1, devices_per_process=8, epoch=1)
+  assert len(one) == 3 and one[0]['image'].shape == (8, 1, 32, 32, 3)
+  _assert_same(one, two)
+  _assert_same(one, eight)
+  # Resuming inside the epoch yields the rest of the same batches.
+  _assert_same(one[1:], resumed)
+  assert not np.array_equal(_stack(one, 'image'), _stack(next_epoch, 'image'))
+
+
+def test_an_epoch_is_a_permutation_of_the_split_by_seed_and_epoch():
+  order = input_pipeline.epoch_order(10, seed=0, epoch=0, num_examples=25)
+  # Two whole passes in two different orders, then the start of a third.
+  for start in (0, 10):
+    np.testing.assert_array_equal(np.sort(order[start : start + 10]), np.arange(10))
+  assert not np.array_equal(order[:10], order[10:20])
+  assert len(set(order[20:])) == 5
+  np.testing.assert_array_equal(order, input_pipeline.epoch_order(10, 0, 0, 25))
+  assert not np.array_equal(order, input_pipeline.epoch_order(10, 0, 1, 25))
+  assert not np.array_equal(order, input_pipeline.epoch_order(10, 1, 0, 25))
+
+
+def test_a_tfrecord_split_out_of_memory_cannot_be_trained_on(tmp_path):
+  config = _config('imagenet2012', data_dir=str(tmp_path), image_size=32)
+  with (
+    _mock_tfds(str(tmp_path), 'imagenet2012'),
+    pytest.raises(ValueError, match='--file_format=array_record'),
+  ):
+    _epoch(config)

@@ -258,3 +258,89 @@ def test_unknown_model_name():
     models.get_model('resnet21', 10)
   for known in ('name', 'resnet20', 'efficientnet_b0', 'cnn'):
     assert known in str(info.value)
+
+
+def _batch_norm(x, **kwargs):
+  """Train-mode output and updated statistics of a fresh `models.BatchNorm` on `x`."""
+  module = models.BatchNorm(use_running_average=False, **kwargs)
+  variables = module.init(jax.random.key(0), x[:1])
+  y, updates = module.apply(variables, x, mutable=['batch_stats'])
+  return y, updates['batch_stats']
+
+
+def _groups_apart(x, group_size):
+  """Each group normalised by a whole-batch BatchNorm of its own, and the mean statistics."""
+  outputs, stats = zip(
+    *(_batch_norm(x[i : i + group_size]) for i in range(0, len(x), group_size)), strict=True
+  )
+  return np.concatenate(outputs), jax.tree.map(lambda *s: np.mean(s, axis=0), *stats)
+
+
+def _scaled_groups(num_examples, scale_every):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(num_examples, 4, 4, 3)).astype(np.float32)
+  # Groups of different scale and offset, so that any other grouping changes the result.
+  scales = np.repeat(np.arange(1.0, 1.0 + num_examples // scale_every), scale_every)
+  return x * scales[:, None, None, None] + scales[:, None, None, None]
+
+
+def test_batch_norm_whole_batch_is_flax_batch_norm():
+  x = _scaled_groups(8, 2)
+  y, stats = _batch_norm(x)
+  flax_norm = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3)
+  flax_y, flax_updates = flax_norm.apply(
+    flax_norm.init(jax.random.key(0), x), x, mutable=['batch_stats']
+  )
+  np.testing.assert_allclose(y, flax_y, rtol=1e-5, atol=1e-5)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5), stats, flax_updates['batch_stats']
+  )
+
+
+def test_batch_norm_groups_normalise_each_group_apart():
+  x = _scaled_groups(8, 2)
+  y, stats = _batch_norm(x, group_size=2)
+  expected_y, expected_stats = _groups_apart(x, 2)
+  np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5), stats, expected_stats)
+  # The running statistics move 1 - 0.99 of the way to the groups' mean statistics.
+  group_means = x.reshape(4, -1, 3).mean(axis=1)
+  group_vars = x.reshape(4, -1, 3).var(axis=1)
+  np.testing.assert_allclose(stats['mean'], 0.01 * group_means.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(stats['var'], 0.99 + 0.01 * group_vars.mean(0), rtol=1e-5)
+  # Not the statistics of the whole batch.
+  assert not np.allclose(y, _batch_norm(x)[0], atol=1e-2)
+
+
+@pytest.mark.parametrize(('per_device', 'group_size'), [(2, 4), (4, 2)])
+def test_batch_norm_groups_under_pmap_are_the_global_batch_groups(per_device, group_size):
+  # Groups larger than a device's batch span consecutive replicas; smaller ones stay local.
+  x = _scaled_groups(8 * per_device, group_size)
+  module = models.BatchNorm(use_running_average=False, axis_name='batch', group_size=group_size)
+  variables = module.init(jax.random.key(0), x[:1])
+  apply = functools.partial(module.apply, mutable=['batch_stats'])
+  y, updates = jax.pmap(apply, axis_name='batch', in_axes=(None, 0))(
+    variables, x.reshape(8, per_device, *x.shape[1:])
+  )
+  expected_y, expected_stats = _groups_apart(x, group_size)
+  np.testing.assert_allclose(y.reshape(x.shape), expected_y, rtol=1e-5, atol=1e-5)
+  # Each replica's statistics are its groups'; their mean (the trainer's pmean) is all groups'.
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.mean(a, axis=0), b, rtol=1e-5),
+    updates['batch_stats'],
+    expected_stats,
+  )
+
+
+def test_batch_norm_mask_selects_exactly_the_batch_norm_parameters():
+  variables = _abstract_variables('efficientnet_b0', 1000, (1, 32, 32, 3))
+  params, batch_stats = variables['params'], variables['batch_stats']
+  mask = traverse_util.flatten_dict(models.batch_norm_mask(params))
+  # BatchNorm modules are exactly those with running statistics.
+  bn_modules = {path[:-1] for path in traverse_util.flatten_dict(batch_stats)}
+  assert {path for path, m in mask.items() if m} == {
+    (*module, name) for module in bn_modules for name in ('scale', 'bias')
+  }
+  flat = traverse_util.flatten_dict(params)
+  # 5,288,548 parameters, of which 42,016 are BatchNorm's.
+  assert sum(int(np.prod(flat[p].shape)) for p, m in mask.items() if not m) == 5_288_548 - 42_016

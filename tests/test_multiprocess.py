@@ -1,5 +1,6 @@
-"""The trainer as separate processes: several JAX processes over gloo, kill -9 and resume,
-and a non-finite batch in the middle of a real epoch.
+"""The trainer as separate processes: several JAX processes over gloo (and one process
+resuming their run), kill -9 inside an epoch and resume, and a non-finite batch in the
+middle of a real epoch.
 
 The command-line runs go through `python -m examples.main` in subprocesses, each with a
 timeout and killed with its whole process group if anything fails, so that a hung
@@ -8,6 +9,7 @@ collective cannot hang the test session. They share a persistent compilation cac
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from examples import input_pipeline, train
@@ -25,9 +28,9 @@ TIMEOUT = 300  # Seconds for any one subprocess.
 # Fields that measure time, not training.
 _TIMING = ('images_per_sec', 'wall_time')
 
-# ResNet-20 on a synthetic training set exactly one global batch large: every step of
-# every run sees the same 16 examples, however the processes slice and shuffle them,
-# so one process and two must train alike up to the order of the float sums.
+# ResNet-20 on a synthetic training set of four global batches: the global batches are
+# a function of (seed, epoch) alone, so one process and two must train alike up to the
+# order of the float sums.
 _RESNET_CONFIG = """
 from examples.configs import cifar10_resnet20
 
@@ -38,10 +41,10 @@ def get_config():
   config.image_size = 8
   config.batch_size = 16
   config.num_epochs = 2
-  config.steps_per_epoch = 2
   config.steps_per_eval = 1
   config.progress_bar = False
-  config.synthetic_train_size = 16
+  config.eval_train = False
+  config.synthetic_train_size = 64
   config.synthetic_test_size = 16
   return config
 """
@@ -130,7 +133,7 @@ def _run(start, args, env, log_path) -> None:
   _wait(process, log_path, time.monotonic() + TIMEOUT)
 
 
-def test_two_processes_train_as_one(tmp_path, cache_dir):
+def test_two_processes_train_as_one_and_one_resumes_them(tmp_path, cache_dir):
   config = tmp_path / 'resnet20_synthetic.py'
   config.write_text(_RESNET_CONFIG)
   shared, single = tmp_path / 'two_processes', tmp_path / 'one_process'
@@ -157,57 +160,104 @@ def test_two_processes_train_as_one(tmp_path, cache_dir):
     _run(
       start, _main(str(config), single), _env(cache_dir, 8, fast_compile), tmp_path / 'single.log'
     )
+    # The two processes' run, as a crash after its first epoch would have left it,
+    # resumed by one process.
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(shared, resumed)
+    shutil.rmtree(resumed / train.CHECKPOINT_DIR / '8')
+    _run(
+      start,
+      _main(str(config), resumed),
+      _env(cache_dir, 8, fast_compile),
+      tmp_path / 'resumed.log',
+    )
 
   assert 'Process 1 of 2, 4 local devices of 8' in _log(tmp_path / 'process1.log')
   shared_rows, single_rows = _rows(shared), _rows(single)
   assert [row['epoch'] for row in shared_rows] == [1, 2]
   assert [row['epoch'] for row in single_rows] == [1, 2]
+  assert [row['step'] for row in single_rows] == [4, 8]
   for shared_row, single_row in zip(shared_rows, single_rows, strict=True):
     assert shared_row['step'] == single_row['step']
     for key in ('train_loss', 'test_loss'):
       np.testing.assert_allclose(shared_row[key], single_row[key], rtol=1e-4, err_msg=key)
+  assert 'Resuming from the checkpoint after epoch 1' in _log(tmp_path / 'resumed.log')
+  resumed_rows = _rows(resumed)
+  assert resumed_rows[0] == shared_rows[0]
+  for key in ('train_loss', 'test_loss', 'kinetic_temperature'):
+    np.testing.assert_allclose(resumed_rows[1][key], shared_rows[1][key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(resumed_rows[1][key], single_rows[1][key], rtol=1e-4, err_msg=key)
   # Process 1 wrote no metrics of its own: one file, one row per epoch, and no stray
   # temporary files beside it.
   assert sorted(os.listdir(shared)) == sorted(os.listdir(single))
-  assert (shared / train.CHECKPOINT_DIR / '2').exists()
+  assert (shared / train.CHECKPOINT_DIR / '8').exists()
 
 
-def test_kill_9_and_rerun_ends_as_an_uninterrupted_run(tmp_path, cache_dir):
+def _checkpoint_steps(workdir) -> list[int]:
+  """The steps of the finished checkpoints in `workdir` (orbax renames them when done)."""
+  directory = workdir / train.CHECKPOINT_DIR
+  if not directory.exists():
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _checkpoint(workdir, step: int) -> dict:
+  return ocp.StandardCheckpointer().restore(
+    (workdir / train.CHECKPOINT_DIR / str(step) / 'default').absolute()
+  )
+
+
+def test_kill_9_mid_epoch_and_rerun_ends_bitwise_as_an_uninterrupted_run(tmp_path, cache_dir):
   config = 'examples/configs/digits.py'
+  steps_per_epoch, num_epochs = 30, 4
   overrides = (
-    '--config.num_epochs=4',
-    '--config.steps_per_epoch=30',
+    f'--config.num_epochs={num_epochs}',
+    f'--config.steps_per_epoch={steps_per_epoch}',
     '--config.steps_per_eval=2',
     '--config.progress_bar=False',
+    '--config.checkpoint_every_steps=7',
+    '--config.optimizer=metropolis_coolmomentum',
   )
   env = _env(cache_dir, 8)
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  # Killed once a checkpoint at or past a random step is on disk: mostly inside an epoch.
+  kill_after = int(np.random.default_rng().integers(1, (num_epochs - 1) * steps_per_epoch))
   with _processes() as start:
     _run(start, _main(config, straight, *overrides), env, tmp_path / 'straight.log')
 
     with open(tmp_path / 'killed.log', 'w') as log:
       process = start(_main(config, killed, *overrides), env, log)
     deadline = time.monotonic() + TIMEOUT
-    while not any(row['epoch'] == 2 for row in _rows(killed)):
+    while not any(step >= kill_after for step in _checkpoint_steps(killed)):
       assert process.poll() is None, _tail(tmp_path / 'killed.log')
-      assert time.monotonic() < deadline, 'epoch 2 never finished'
-      time.sleep(0.02)
+      assert time.monotonic() < deadline, f'no checkpoint past step {kill_after}'
+      time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=TIMEOUT) == -signal.SIGKILL
-    epochs_at_kill = [row['epoch'] for row in _rows(killed)]
-    assert epochs_at_kill[:2] == [1, 2] and len(epochs_at_kill) < 4, epochs_at_kill
+    # The metrics never run ahead of the checkpoints.
+    rows_at_kill = _rows(killed)
+    last_step = _checkpoint_steps(killed)[-1]
+    assert all(row['step'] <= last_step for row in rows_at_kill), (rows_at_kill, last_step)
+    assert last_step < num_epochs * steps_per_epoch, 'the run ended before it was killed'
 
     _run(start, _main(config, killed, *overrides), env, tmp_path / 'rerun.log')
 
-  assert 'Resuming from the checkpoint after epoch' in _log(tmp_path / 'rerun.log')
+  rerun_log = _log(tmp_path / 'rerun.log')
+  assert 'Resuming from the checkpoint after epoch' in rerun_log, (kill_after, rerun_log[-2000:])
   killed_rows, straight_rows = _rows(killed), _rows(straight)
-  assert [row['epoch'] for row in killed_rows] == [1, 2, 3, 4]
-  for key in ('train_loss', 'test_accuracy', 'test_loss', 'kinetic_temperature'):
-    assert killed_rows[-1][key] == straight_rows[-1][key], key
+  assert [row['epoch'] for row in killed_rows] == list(range(1, num_epochs + 1))
   for killed_row, straight_row in zip(killed_rows, straight_rows, strict=True):
     assert {k: v for k, v in killed_row.items() if k not in _TIMING} == {
       k: v for k, v in straight_row.items() if k not in _TIMING
-    }
+    }, kill_after
+  # The final checkpoints hold bitwise the same state and position; only the training
+  # time they record differs.
+  final = num_epochs * steps_per_epoch
+  killed_state, straight_state = _checkpoint(killed, final), _checkpoint(straight, final)
+  assert killed_state.pop('wall_time') > 0 and straight_state.pop('wall_time') > 0
+  assert jax.tree.structure(killed_state) == jax.tree.structure(straight_state)
+  for a, b in zip(jax.tree.leaves(killed_state), jax.tree.leaves(straight_state), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_nan_batch_mid_epoch_is_skipped_and_training_goes_on(tmp_path, monkeypatch):

@@ -44,9 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.warmup_epochs = 0.0
   # Momentum of the 'momentum' and 'rmsprop' baselines.
   config.momentum = 0.9
-  # Learning-rate schedule of the baselines: 'constant'; 'piecewise' (x lr_scales[i]
-  # from epoch lr_boundaries[i] on); 'exponential' (linear warm-up over
-  # lr_warmup_epochs, then x lr_decay_rate every lr_decay_epochs, staircase).
+  # Learning-rate schedule of the baselines: 'constant'; 'piecewise' (x lr_scales[i] in
+  # the epochs whose 0-based index exceeds lr_boundaries[i], as Keras' lr_schedule
+  # counts); 'exponential' (x lr_decay_rate every lr_decay_epochs from step 0, staircase,
+  # with a linear ramp from 0 in its place during the first lr_warmup_epochs).
   config.lr_schedule = 'constant'
   config.lr_boundaries = ()
   config.lr_scales = ()
@@ -56,7 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   # RMSProp: mean-square decay and the epsilon added inside the square root.
   config.rmsprop_decay = 0.9
   config.rmsprop_eps = 1e-3
-  # Coupled weight decay (weight_decay * w added to the gradient) on every kernel.
+  # weight_decay * sum(w**2) / 2 over every parameter but BatchNorm's, in the loss (the
+  # EfficientNet reference's; its gradient is the coupled decay weight_decay * w).
   config.weight_decay = 0.0
   # Keras-style l2_regularization * sum(w**2) of every convolution kernel, in the loss.
   config.l2_regularization = 0.0
@@ -72,9 +74,21 @@ def get_config() -> ml_collections.ConfigDict:
     {'learning_rate': 1.0, 'lr_schedule': 'constant', 'metropolis_multipliers': SGD_SA_MULTIPLIERS}
   )
 
+  # BatchNorm statistics over groups of this many examples of the global batch; 0: the
+  # whole batch.
+  config.batch_norm_group_size = 0
+  # Evaluate with an exponential moving average of the weights and BatchNorm statistics
+  # of this decay (TensorFlow's, with num_updates); 0: with the weights themselves.
+  config.ema_decay = 0.0
+  # Also log the loss over the whole training set in inference mode at every epoch's
+  # end (eval_train_loss, eval_train_accuracy), as the paper's Fig. 1.
+  config.eval_train = False
+
   # Execution.
   config.half_precision = False  # bfloat16 computation; parameters stay float32.
-  config.parallelism = 'pmap'  # 'pmap' or 'jit' (a sharded jit over a 1-D mesh).
+  config.parallelism = 'jit'  # 'jit' (a sharded jit over a 1-D mesh) or 'pmap'.
   config.checkpoint_max_to_keep = 3
+  # Also checkpoint every this many steps of the run inside epochs (0: at epoch ends only).
+  config.checkpoint_every_steps = 0
   config.progress_bar = True
   return config
