@@ -8,10 +8,10 @@ each rate of a grid. Printed: the suggestions, the final test accuracy of every 
 and the mean over the seeds per rate, with each suggestion's gap to the best grid
 rate in accuracy points.
 
-From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
+From the repository root:
 
-  python benchmarks/lr_find_digits.py
-  python benchmarks/lr_find_digits.py --seeds 0,1,2 --plot docs/howto/lr_find_digits.png
+  python -m benchmarks.lr_find_digits
+  python -m benchmarks.lr_find_digits --seeds 0,1,2 --plot docs/howto/lr_find_digits.png
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ import shutil
 import statistics
 import tempfile
 
-# The directory of a script run as `python benchmarks/...` is on sys.path.
-from machine import machine
-
 import coolopt
+from benchmarks.machine import machine
 from examples import lr_find, train
 from examples.configs import digits
 

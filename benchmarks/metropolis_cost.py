@@ -13,16 +13,15 @@ donated and one fixed batch of 32x32x3 images:
 They run in interleaved rounds (a, b, c, then b, c, a, then c, a, b, ...); the
 figures are medians over the rounds, and ratios are taken round by round.
 
-From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
+From the repository root:
 
-  python benchmarks/metropolis_cost.py
-  python benchmarks/metropolis_cost.py --batch 128 --rounds 30 --steps 3
+  python -m benchmarks.metropolis_cost
+  python -m benchmarks.metropolis_cost --batch 128 --rounds 30 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -30,11 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# The directory of a script run as `python benchmarks/...` is on sys.path.
-from machine import machine
-from step_cost import time_rounds
-
 import coolopt
+from benchmarks.machine import machine
+from benchmarks.timing import add_round_arguments, jax_carry_step, quartiles, ratios, time_rounds
 
 
 class CNN(nn.Module):
@@ -92,9 +89,7 @@ def make_steps(model: nn.Module) -> dict[str, tuple[Callable, optax.GradientTran
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=128, help='batch size')
-  parser.add_argument('--rounds', type=int, default=30, help='interleaved rounds')
-  parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant')
+  add_round_arguments(parser, rounds=30, steps=3, warmup=3)
   args = parser.parse_args()
 
   model = CNN()
@@ -111,22 +106,18 @@ def main() -> None:
     f'{args.rounds} rounds x {args.steps} steps'
   )
 
-  steps, carries = {}, {}
+  timed, carries = {}, {}
   for name, (step, tx) in make_steps(model).items():
     params = jax.tree.map(jnp.copy, variables['params'])
-    opt_state = tx.init(params)
     step = jax.jit(step, donate_argnums=(0, 1))
-    for _ in range(args.warmup):
-      params, opt_state, _ = step(params, opt_state, batch)
-    jax.block_until_ready((params, opt_state))
-    steps[name], carries[name] = step, (params, opt_state)
+    timed[name], carries[name] = jax_carry_step(step, (params, tx.init(params)), batch)
 
-  times = time_rounds(steps, carries, batch, rounds=args.rounds, steps_per_round=args.steps)
+  times = time_rounds(timed, rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup)
 
   print(f'\n{"variant":28s} {"median ms":>10s} {"IQR ms":>15s}')
   for name, ts in times.items():
-    q = statistics.quantiles(ts, n=4)
-    print(f'{name:28s} {1e3 * statistics.median(ts):10.2f} {1e3 * q[0]:7.2f}-{1e3 * q[2]:<7.2f}')
+    q = quartiles(ts)
+    print(f'{name:28s} {1e3 * q[1]:10.2f} {1e3 * q[0]:7.2f}-{1e3 * q[2]:<7.2f}')
   a, b, c = times.values()
   print()
   for label, num, den, target in [
@@ -134,11 +125,9 @@ def main() -> None:
     ('(c) / (a)', c, a, ''),
     ('(b) / (a)', b, a, ''),
   ]:
-    # Round by round: both sides of a ratio saw the same machine.
-    ratios = [x / y for x, y in zip(num, den, strict=True)]
-    q = statistics.quantiles(ratios, n=4)
-    print(f'{label}: {statistics.median(ratios):.3f}  IQR {q[0]:.3f}-{q[2]:.3f}{target}')
-  state = carries['(c) metropolis'][1]
+    q = quartiles(ratios(num, den))
+    print(f'{label}: {q[1]:.3f}  IQR {q[0]:.3f}-{q[2]:.3f}{target}')
+  state = carries['(c) metropolis']['carry'][1]
   print(f'acceptance rate of (c): {float(coolopt.acceptance_rate(state)):.2f}')
 
 

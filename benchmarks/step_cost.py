@@ -12,10 +12,10 @@ For a memory-bound step the cost is the number of passes over parameter-sized
 arrays: the script prints, for each variant, the bytes the compiled step moves
 (XLA's cost analysis) in units of one parameter tree, and its fusions.
 
-From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
+From the repository root:
 
-  python benchmarks/step_cost.py
-  python benchmarks/step_cost.py --size 25_000_000 --leaves 50 --rounds 40 --steps 10 --every 10
+  python -m benchmarks.step_cost
+  python -m benchmarks.step_cost --size 25_000_000 --leaves 50 --rounds 40 --steps 10 --every 10
 """
 
 from __future__ import annotations
@@ -23,17 +23,21 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from machine import machine
 
 import coolopt
+from benchmarks.machine import machine
+from benchmarks.timing import (
+  add_round_arguments,
+  jax_carry_step,
+  optimizer_step,
+  quartiles,
+  ratios,
+  time_rounds,
+)
 
 LEARNING_RATE = 0.01
 BASELINE = 'sgd(momentum=0.9)'
@@ -61,14 +65,6 @@ def optimizers(total_steps: int, every: list[int]) -> dict[str, optax.GradientTr
   return variants
 
 
-def make_step(tx: optax.GradientTransformation) -> Callable:
-  def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
 def hlo_summary(compiled, tree_bytes: int) -> str:
   """Bytes moved per step in parameter trees, and the fusions of the entry computation."""
   cost = compiled.cost_analysis()
@@ -86,57 +82,18 @@ def hlo_summary(compiled, tree_bytes: int) -> str:
   return f'{passes:.2f} tree passes; fusions: {fusions}{extra}'
 
 
-def time_rounds(
-  steps: dict[str, Callable],
-  carries: dict[str, tuple],
-  inputs: Any,
-  *,
-  rounds: int,
-  steps_per_round: int,
-  reallocate: bool = True,
-) -> dict[str, list[float]]:
-  """Seconds per step of every variant, one figure per round.
-
-  `steps[name](params, opt_state, inputs)` returns the new params and opt_state
-  first; `carries[name]` holds the (params, opt_state) that it donates, and is
-  updated. Every round times `steps_per_round` steps of each variant in turn, and
-  starts one variant further on than the last, so that none always runs first
-  or always after the same other one. With `reallocate`, the carry is copied to
-  fresh buffers before each round (untimed): where the buffers lie in memory moves
-  a memory-bound step by a few percent, and this averages over it.
-  """
-  names = list(steps)
-  times = {name: [] for name in names}
-  for r in range(rounds):
-    shift = r % len(names)
-    for name in names[shift:] + names[:shift]:
-      params, opt_state = carries[name]
-      if reallocate:
-        params, opt_state = jax.block_until_ready(jax.tree.map(jnp.copy, (params, opt_state)))
-      start = time.perf_counter()
-      for _ in range(steps_per_round):
-        params, opt_state, *_ = steps[name](params, opt_state, inputs)
-      jax.block_until_ready((params, opt_state))
-      times[name].append((time.perf_counter() - start) / steps_per_round)
-      carries[name] = (params, opt_state)
-  return times
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', type=int, default=25_000_000, help='number of parameters')
   parser.add_argument('--leaves', type=int, default=50, help='number of parameter arrays')
-  parser.add_argument('--rounds', type=int, default=40, help='interleaved rounds')
+  add_round_arguments(parser, rounds=40, steps=10, warmup=3)
   parser.add_argument(
-    '--steps',
+    '--every',
     type=int,
-    default=10,
-    help='steps per variant and round; a multiple of every k, so that each round of '
-    'track_kinetic_temperature(every=k) holds the same number of computed temperatures',
-  )
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps per variant')
-  parser.add_argument(
-    '--every', type=int, nargs='*', default=[10], help='track_kinetic_temperature(every=k) variants'
+    nargs='*',
+    default=[10],
+    help='track_kinetic_temperature(every=k) variants; make --steps a multiple of every k, so '
+    'that each round holds the same number of computed temperatures',
   )
   parser.add_argument(
     '--reallocate',
@@ -163,31 +120,21 @@ def main() -> None:
   )
 
   variants = optimizers(total_steps=10_000, every=args.every)
-  steps, carries = {}, {}
+  timed = {}
   for name, tx in variants.items():
     params = {
       k: jax.random.normal(keys[args.leaves + i], (leaf,), jnp.float32) for i, k in enumerate(grads)
     }
     opt_state = tx.init(params)
-    step = make_step(tx)
+    step = optimizer_step(tx)
     compiled = step.lower(params, opt_state, grads).compile()
     print(f'  {name:40s} {hlo_summary(compiled, tree_bytes)}')
     if args.hlo:
       text = compiled.as_text()
       print(text[text.index('\nENTRY') :])
-    for _ in range(args.warmup):
-      params, opt_state = step(params, opt_state, grads)
-    jax.block_until_ready((params, opt_state))
-    steps[name], carries[name] = step, (params, opt_state)
+    timed[name], _ = jax_carry_step(step, (params, opt_state), grads, reallocate=args.reallocate)
 
-  times = time_rounds(
-    steps,
-    carries,
-    grads,
-    rounds=args.rounds,
-    steps_per_round=args.steps,
-    reallocate=args.reallocate,
-  )
+  times = time_rounds(timed, rounds=args.rounds, steps_per_round=args.steps, warmup=args.warmup)
 
   # Ratios are taken round by round, to the mean of the two copies of the baseline
   # in the same round: both sides of a ratio saw the same machine.
@@ -195,12 +142,10 @@ def main() -> None:
   baseline = [(a + b) / 2 for a, b in copies]
   print(f'\n{"variant":40s} {"median ms":>9s} {"IQR ms":>13s} {"ratio":>6s} {"ratio IQR":>11s}')
   for name, ts in times.items():
-    ratios = [t / b for t, b in zip(ts, baseline, strict=True)]
-    q_t, q_r = statistics.quantiles(ts, n=4), statistics.quantiles(ratios, n=4)
+    q_t, q_r = quartiles(ts), quartiles(ratios(ts, baseline))
     print(
-      f'{name:40s} {1e3 * statistics.median(ts):9.2f} '
-      f'{1e3 * q_t[0]:6.2f}-{1e3 * q_t[2]:<6.2f} '
-      f'{statistics.median(ratios):6.3f} {q_r[0]:5.3f}-{q_r[2]:<5.3f}'
+      f'{name:40s} {1e3 * q_t[1]:9.2f} {1e3 * q_t[0]:6.2f}-{1e3 * q_t[2]:<6.2f} '
+      f'{q_r[1]:6.3f} {q_r[0]:5.3f}-{q_r[2]:<5.3f}'
     )
   print(
     f'\nratio: to the mean of the two copies of {BASELINE} in the same round. '

@@ -19,28 +19,38 @@ round. Images/s is the batch over the median of (a).
 On a GPU the defaults are the trainers' scale: bfloat16, ResNet-20 at batch 1024 on
 32x32 images and EfficientNet-B0 at batch 256 on 224x224 images. On a CPU they are
 small enough to finish in minutes: float32, batch 128 at 32x32 and batch 16 at 64x64.
+Like `examples.main`, the script sets `examples.main.CPU_XLA_FLAGS` in `XLA_FLAGS`
+before JAX starts (`--no-xla-flags`: XLA's defaults).
 
-From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
+From the repository root:
 
-  python benchmarks/train_throughput.py
-  python benchmarks/train_throughput.py --models resnet20 efficientnet_b0
-  python benchmarks/train_throughput.py --models resnet20 --batch 256 --dtype bfloat16
+  python -m benchmarks.train_throughput
+  python -m benchmarks.train_throughput --models resnet20 efficientnet_b0
+  python -m benchmarks.train_throughput --models resnet20 --batch 256 --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from machine import machine
 
+from benchmarks.machine import machine
+from benchmarks.timing import (
+  Timed,
+  add_round_arguments,
+  add_xla_flags_argument,
+  jax_carry_step,
+  optimizer_step,
+  quartiles,
+  ratios,
+  set_trainer_xla_flags,
+  time_rounds,
+)
 from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
@@ -62,16 +72,10 @@ def make_config(model: str, optimizer: str, image_size: int, half_precision: boo
   return train.resolve_config(config)
 
 
-def make_optimizer_step(tx: optax.GradientTransformation) -> Callable:
-  def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def build(model_name: str, optimizer: str, batch: int, image_size: int, half: bool, seed: int):
-  """The two steps of one (model, optimizer): each a () -> None closure over its own carry."""
+def build(
+  model_name: str, optimizer: str, batch: int, image_size: int, half: bool, seed: int
+) -> tuple[Timed, Timed, int]:
+  """The train step and the optimizer step of one (model, optimizer), and the parameter count."""
   config = make_config(model_name, optimizer, image_size, half)
   model = train.create_model(config)
   tx = train.create_optimizer(config, STEPS_PER_EPOCH)
@@ -85,10 +89,9 @@ def build(model_name: str, optimizer: str, batch: int, image_size: int, half: bo
   labels = rng.integers(0, config.num_classes, (local, batch // local), dtype=np.int32)
   device_batch = parallel.put_batch({'image': images, 'label': labels})
 
-  carry = {'train': parallel.put_state(host_state)}
-
-  def train_step():
-    carry['train'], _ = parallel.train_step(carry['train'], device_batch)
+  train_step, _ = jax_carry_step(
+    parallel.train_step, (parallel.put_state(host_state),), device_batch
+  )
 
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(jax.tree.leaves(host_state.params)))
   leaves, treedef = jax.tree.flatten(host_state.params)
@@ -100,36 +103,8 @@ def build(model_name: str, optimizer: str, batch: int, image_size: int, half: bo
     ],
   )
   params = jax.tree.map(jnp.asarray, host_state.params)
-  carry['opt'] = (params, jax.jit(tx.init)(params))
-  opt_step = make_optimizer_step(tx)
-
-  def optimizer_step():
-    carry['opt'] = opt_step(*carry['opt'], grads)
-
-  def sync():
-    jax.block_until_ready(carry)
-
-  n_params = sum(np.size(p) for p in leaves)
-  return train_step, optimizer_step, sync, n_params
-
-
-def time_rounds(
-  steps: dict[str, tuple[Callable, Callable]], *, rounds: int, steps_per_round: int
-) -> dict[str, list[float]]:
-  """Seconds per step of every (step, sync) pair, one figure per round, rotating the order."""
-  names = list(steps)
-  times = {name: [] for name in names}
-  for r in range(rounds):
-    shift = r % len(names)
-    for name in names[shift:] + names[:shift]:
-      step, sync = steps[name]
-      sync()
-      start = time.perf_counter()
-      for _ in range(steps_per_round):
-        step()
-      sync()
-      times[name].append((time.perf_counter() - start) / steps_per_round)
-  return times
+  opt_step, _ = jax_carry_step(optimizer_step(tx), (params, jax.jit(tx.init)(params)), grads)
+  return train_step, opt_step, sum(np.size(p) for p in leaves)
 
 
 def main() -> None:
@@ -148,11 +123,11 @@ def main() -> None:
     choices=('float32', 'bfloat16'),
     help='computation dtype (config.half_precision); default bfloat16 on GPU, float32 else',
   )
-  parser.add_argument('--rounds', type=int, default=10, help='interleaved rounds')
-  parser.add_argument('--steps', type=int, default=3, help='steps per variant and round')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps per variant')
+  add_round_arguments(parser, rounds=10, steps=3, warmup=2)
   parser.add_argument('--seed', type=int, default=0)
+  add_xla_flags_argument(parser)
   args = parser.parse_args()
+  set_trainer_xla_flags(args)
 
   gpu = jax.default_backend() == 'gpu'
   dtype = args.dtype or ('bfloat16' if gpu else 'float32')
@@ -165,22 +140,21 @@ def main() -> None:
   for model_name in args.models:
     batch = args.batch or defaults[model_name][0]
     image_size = args.image_size or defaults[model_name][1]
-    steps: dict[str, tuple[Callable, Callable]] = {}
+    steps: dict[str, Timed] = {}
     for optimizer in OPTIMIZERS:
       start = time.perf_counter()
-      train_step, optimizer_step, sync, n_params = build(
+      train_step, opt_step, n_params = build(
         model_name, optimizer, batch, image_size, dtype == 'bfloat16', args.seed
       )
-      for _ in range(args.warmup):
-        train_step()
-        optimizer_step()
-      sync()
+      for timed in (train_step, opt_step):
+        for _ in range(args.warmup):
+          timed.sync(timed.step())
       print(
         f'{model_name}, {optimizer}: {n_params:,} parameters, compiled and warmed up in '
         f'{time.perf_counter() - start:.0f} s'
       )
-      steps[f'{optimizer}/train'] = (train_step, sync)
-      steps[f'{optimizer}/opt'] = (optimizer_step, sync)
+      steps[f'{optimizer}/train'] = train_step
+      steps[f'{optimizer}/opt'] = opt_step
 
     times = time_rounds(steps, rounds=args.rounds, steps_per_round=args.steps)
     print(f'\n{model_name}: batch {batch}, {image_size}x{image_size} images, {dtype}')
@@ -190,14 +164,12 @@ def main() -> None:
     )
     for optimizer in OPTIMIZERS:
       full, opt = times[f'{optimizer}/train'], times[f'{optimizer}/opt']
-      shares = [b / a for a, b in zip(full, opt, strict=True)]
-      q_t, q_s = statistics.quantiles(full, n=4), statistics.quantiles(shares, n=4)
+      q_t, q_s = quartiles(full), quartiles(ratios(opt, full))
       label = optimizer + (' + track_kinetic_temperature' if optimizer == 'coolmomentum' else '')
-      median = statistics.median(full)
       print(
-        f'{label:33s} {batch / median:9.1f} {1e3 * median:8.1f} '
-        f'{1e3 * q_t[0]:7.1f}-{1e3 * q_t[2]:<7.1f} {1e3 * statistics.median(opt):7.2f} '
-        f'{100 * statistics.median(shares):8.2f}% {100 * q_s[0]:5.2f}-{100 * q_s[2]:<5.2f}'
+        f'{label:33s} {batch / q_t[1]:9.1f} {1e3 * q_t[1]:8.1f} '
+        f'{1e3 * q_t[0]:7.1f}-{1e3 * q_t[2]:<7.1f} {1e3 * quartiles(opt)[1]:7.2f} '
+        f'{100 * q_s[1]:8.2f}% {100 * q_s[0]:5.2f}-{100 * q_s[2]:<5.2f}'
       )
     print()
 

@@ -4,6 +4,8 @@
   the momentum coefficient (Borysenko & Byshkin, 2021).
 - :func:`metropolis`: the Metropolis accept/reject test around any optimizer, and
   :func:`sgd_sa`, SGD-SA (Fischetti & Stringher, 2019).
+- :func:`scale_by_thermostat`: CoolMomentum whose momentum follows the measured
+  temperature along a target path (``coolmomentum(..., cooling='thermostat')``).
 - :func:`track_kinetic_temperature`: the rescaled kinetic temperature (mean squared
   displacement) of any optimizer, paper Eq. 22.
 - :func:`random_walk`: Gaussian proposals that ignore the gradient; inside
@@ -27,6 +29,7 @@ from coolopt.range_test import (
   suggest_learning_rate,
 )
 from coolopt.schedules import exponential_cooling, friction_cooling, linear_cooling
+from coolopt.thermostat import ThermostatState, scale_by_thermostat, thermostat_state
 
 __version__ = '0.1.0'
 
@@ -35,6 +38,7 @@ __all__ = [
   'KineticTemperatureState',
   'MetropolisState',
   'RandomWalkState',
+  'ThermostatState',
   'acceptance_rate',
   'coolmomentum',
   'divergence_step',
@@ -46,8 +50,10 @@ __all__ = [
   'metropolis',
   'random_walk',
   'scale_by_coolmomentum',
+  'scale_by_thermostat',
   'sgd_sa',
   'smooth_losses',
   'suggest_learning_rate',
+  'thermostat_state',
   'track_kinetic_temperature',
 ]

@@ -122,6 +122,11 @@ def coolmomentum(
   weight_decay: chex.Numeric = 0.0,
   mask: Any | None = None,
   accumulator_dtype: Any | None = None,
+  target_path: str | None = None,
+  hot_steps: chex.Numeric | None = None,
+  gain: chex.Numeric | None = None,
+  smoothing: chex.Numeric | None = None,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""CoolMomentum: stochastic optimisation by Langevin dynamics with simulated annealing.
 
@@ -149,6 +154,11 @@ def coolmomentum(
     :func:`coolopt.linear_cooling`.
   - ``'friction'``: the friction grows exponentially; see
     :func:`coolopt.friction_cooling`.
+  - ``'thermostat'`` (beyond the paper): :math:`\rho_n` is set by a feedback
+    controller so that the measured kinetic temperature follows a target path
+    :math:`T_0 f(n/S)`, whatever the learning rate and the gradient noise; see
+    :func:`coolopt.scale_by_thermostat` and :func:`coolopt.thermostat_state`,
+    which reads the measured and target temperatures.
 
   With ``warmup_steps`` :math:`W`, :math:`\rho_n = 0` for :math:`n < W` and the
   unshifted schedule value from :math:`n = W` on (the authors' ImageNet recipe).
@@ -180,11 +190,20 @@ def coolmomentum(
       (epochs x steps per epoch). Required: CoolMomentum without a cooling length
       is not CoolMomentum. An explicit ``None`` keeps :math:`\rho = \rho_0`
       (momentum SGD in the Langevin parametrisation, with no annealing).
-    cooling: ``'exponential'``, ``'linear'`` or ``'friction'``.
-    warmup_steps: number of initial steps with :math:`\rho = 0`.
+    cooling: ``'exponential'``, ``'linear'``, ``'friction'`` or ``'thermostat'``.
+    warmup_steps: number of initial steps with :math:`\rho = 0`; must be 0 with
+      the thermostat, whose hot start needs :math:`\rho_0`.
     weight_decay: coupled L2 weight decay :math:`\lambda \geq 0`.
     mask: where to apply weight decay, as in `optax.add_decayed_weights`.
     accumulator_dtype: dtype of the displacement; ``None`` keeps the parameters'.
+    target_path: the shape of the thermostat's target path. This and the next
+      four apply with ``cooling='thermostat'`` only; ``None`` takes the default of
+      :func:`coolopt.scale_by_thermostat`.
+    hot_steps: the number of steps of the thermostat's hot start.
+    gain: the thermostat's gain.
+    smoothing: the decay of the thermostat's moving average of the temperature.
+    axis_name: the `pmap`/`shard_map` axis over which the thermostat averages
+      the measured temperature.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. For
@@ -197,9 +216,39 @@ def coolmomentum(
     <https://doi.org/10.1038/s41598-021-90144-3>`_, Sci. Rep. 11, 10705 (2021).
   """
   _checks.check_schedule_or_positive('learning_rate', learning_rate)
-  _checks.check_choice('cooling', cooling, tuple(COOLING_SCHEDULES))
+  _checks.check_choice('cooling', cooling, (*COOLING_SCHEDULES, 'thermostat'))
   _checks.check_range('weight_decay', weight_decay, lower=0.0, upper=None)
-  momentum = COOLING_SCHEDULES[cooling](rho_0, total_steps, warmup_steps)
+  thermostat_options = {
+    name: value
+    for name, value in (
+      ('target_path', target_path),
+      ('hot_steps', hot_steps),
+      ('gain', gain),
+      ('smoothing', smoothing),
+      ('axis_name', axis_name),
+    )
+    if value is not None
+  }
+  if cooling == 'thermostat':
+    # Imported here: the thermostat module builds on this one.
+    from coolopt import thermostat
+
+    # A traced warm-up (inside `inject_hyperparams`) cannot be checked and is unused.
+    if _checks.is_concrete_number(warmup_steps) and float(warmup_steps) != 0.0:
+      raise ValueError(
+        f"warmup_steps must be 0 with cooling='thermostat', got warmup_steps={warmup_steps!r}."
+      )
+    langevin = thermostat.scale_by_thermostat(
+      learning_rate, rho_0, total_steps, accumulator_dtype=accumulator_dtype, **thermostat_options
+    )
+  else:
+    if thermostat_options:
+      raise ValueError(
+        f"{', '.join(sorted(thermostat_options))} apply only with cooling='thermostat', "
+        f'got cooling={cooling!r}.'
+      )
+    momentum = COOLING_SCHEDULES[cooling](rho_0, total_steps, warmup_steps)
+    langevin = scale_by_coolmomentum(learning_rate, momentum, accumulator_dtype)
   decay = optax.add_decayed_weights(weight_decay, mask)
   # A concrete zero skips the extra pass over the parameters; a traced one (inside
   # `inject_hyperparams`) cannot be tested in Python and is applied. The decay's
@@ -210,4 +259,4 @@ def coolmomentum(
     decay = optax.GradientTransformation(
       decay.init, lambda updates, state, params=None: (updates, state)
     )
-  return optax.chain(decay, scale_by_coolmomentum(learning_rate, momentum, accumulator_dtype))
+  return optax.chain(decay, langevin)

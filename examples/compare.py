@@ -129,6 +129,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   tf.config.experimental.set_visible_devices([], 'GPU')
+  trainer_main.set_xla_flags()
   trainer_main.initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )

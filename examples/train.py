@@ -73,6 +73,8 @@ COOLING_SCHEDULES = {
   'linear': coolopt.linear_cooling,
   'friction': coolopt.friction_cooling,
 }
+# Cooling by feedback instead of a schedule: rho follows the measured temperature.
+THERMOSTAT = 'thermostat'
 AXIS_NAME = 'batch'
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -202,7 +204,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   else:
     _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
   _check_choice(config, 'parallelism', PARALLELISMS)
-  _check_choice(config, 'cooling', COOLING_SCHEDULES)
+  _check_choice(config, 'cooling', (*COOLING_SCHEDULES, THERMOSTAT))
+  if config.cooling == THERMOSTAT and config.warmup_epochs:
+    raise _invalid('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
   _check_choice(config, 'lr_schedule', LR_SCHEDULES)
   for field in ('num_epochs', 'batch_size', 'num_classes', 'image_size'):
     _check_number(config, field, lower=1, integer=True)
@@ -346,8 +350,9 @@ def create_learning_rate_fn(
 
 
 def create_rho_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule | None:
-  """CoolMomentum's rho as a function of its step; None for the other optimizers."""
-  if config.optimizer not in COOLMOMENTUM_OPTIMIZERS:
+  """CoolMomentum's rho as a function of its step; None for the other optimizers and
+  for the thermostat, whose rho is in its state."""
+  if config.optimizer not in COOLMOMENTUM_OPTIMIZERS or config.cooling == THERMOSTAT:
     return None
   return COOLING_SCHEDULES[config.cooling](
     config.rho_0,
@@ -361,15 +366,20 @@ def _base_optimizer(
   steps_per_epoch: int,
   learning_rate: optax.Schedule,
   constant_rho: bool = False,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformation:
   name = config.optimizer
   if name in COOLMOMENTUM_OPTIMIZERS:
+    # A constant rho (the range test) has no cooling, so no thermostat; the thermostat
+    # averages its measured temperature over the replicas.
+    thermostat = not constant_rho and config.cooling == THERMOSTAT
     return coolopt.coolmomentum(
       learning_rate,
       config.rho_0,
       None if constant_rho else config.num_epochs * steps_per_epoch,
-      cooling=config.cooling,
+      cooling='exponential' if constant_rho else config.cooling,
       warmup_steps=0 if constant_rho else _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
+      **({'axis_name': axis_name} if thermostat else {}),
     )
   if name == 'momentum':
     return optax.sgd(learning_rate, momentum=config.momentum)
@@ -431,7 +441,7 @@ def create_optimizer(
   else:
     if learning_rate is None:
       learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho)
+    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho, axis_name)
   if config.optimizer == 'metropolis_coolmomentum':
     temperature = optax.exponential_decay(
       config.metropolis_temperature,
@@ -532,9 +542,9 @@ def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
 
 
 def _find_states(tree: Any, state_type: type) -> list[Any]:
-  """The nodes of type `state_type` in a nested optimizer state."""
-  nodes = jax.tree.leaves(tree, is_leaf=lambda node: isinstance(node, state_type))
-  return [node for node in nodes if isinstance(node, state_type)]
+  """The nodes of type `state_type` in a nested optimizer state (as coolopt finds them)."""
+  found = optax.tree_utils.tree_get_all_with_path(tree, state_type.__name__)
+  return [node for _, node in found if isinstance(node, state_type)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,6 +716,9 @@ def _apply_gradients(
     'kinetic_temperature': coolopt.kinetic_temperature(new_state.opt_state),
     'skipped': jnp.logical_not(finite).astype(jnp.float32),
   }
+  thermostat_states = _find_states(new_state.opt_state, coolopt.ThermostatState)
+  if thermostat_states:
+    metrics['target_temperature'] = thermostat_states[0].target_temperature
   metropolis_states = _find_states(opt_state, coolopt.MetropolisState)
   if metropolis_states:
     metrics['accepted'] = (metropolis_states[0].accepted & finite).astype(jnp.float32)
@@ -923,6 +936,8 @@ def empty_step_metrics(config: ml_collections.ConfigDict, steps_per_epoch: int) 
     keys += ('accuracy',)
   if config.optimizer in METROPOLIS_OPTIMIZERS:
     keys += ('accepted',)
+  if config.optimizer in COOLMOMENTUM_OPTIMIZERS and config.cooling == THERMOSTAT:
+    keys += ('target_temperature',)
   return {key: np.full(steps_per_epoch, np.nan, np.float32) for key in keys}
 
 
@@ -1033,6 +1048,10 @@ def summarize_steps(
     'train_accuracy': _mean(stacked['accuracy']) if 'accuracy' in stacked else None,
     'kinetic_temperature': _mean(stacked['kinetic_temperature']),
     'acceptance_rate': float(np.mean(stacked['accepted'])) if 'accepted' in stacked else None,
+    # The thermostat's target, to compare with the measured kinetic temperature.
+    'target_temperature': _mean(stacked['target_temperature'])
+    if 'target_temperature' in stacked
+    else None,
     'skipped_steps': int(np.sum(stacked['skipped'])),
     **throughput,
   }
@@ -1079,6 +1098,12 @@ def _evaluate_language_model(
 def _pipeline(config: ml_collections.ConfigDict) -> Any:
   """The module that reads `config.dataset`: text_pipeline or input_pipeline."""
   return text_pipeline if is_language_model(config) else input_pipeline
+
+
+def _thermostat_rho(state: TrainState) -> float | None:
+  """The rho of the thermostat's last update, if the optimizer has one."""
+  thermostat = _find_states(state.opt_state, coolopt.ThermostatState)
+  return float(thermostat[0].rho) if thermostat else None
 
 
 def _optimizer_step(state: TrainState) -> int:
@@ -1283,7 +1308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       'epoch': epoch + 1,
       'step': int(host_state.step),
       **summary,
-      'rho': float(rho_fn(optimizer_step)) if rho_fn else None,
+      'rho': float(rho_fn(optimizer_step)) if rho_fn else _thermostat_rho(host_state),
       'learning_rate': float(learning_rate_fn(optimizer_step)),
       'wall_time': wall_time(),
     }

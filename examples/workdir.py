@@ -123,7 +123,7 @@ def finite_or_none(value: Any) -> Any:
 
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
   """The paper's three panels per epoch, one line per run: training loss (log scale),
-  test accuracy and kinetic temperature (log scale).
+  test accuracy and kinetic temperature (log scale; a thermostat's target dotted).
 
   The training loss is the loss over the whole training set in inference mode
   (`eval_train_loss`, the paper's Fig. 1) for a run that logs it, and the mean of the
@@ -150,9 +150,14 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> N
         for row in rows
         if row.get(key) is not None and (scale == 'linear' or row[key] > 0)
       ]
-      if points:
-        epochs, values = zip(*points, strict=True)
-        ax.plot(epochs, values, marker='.' if len(points) < 30 else None, label=name)
+      if not points:
+        continue
+      epochs, values = zip(*points, strict=True)
+      line = ax.plot(epochs, values, marker='.' if len(points) < 30 else None, label=name)[0]
+      targets = [(row['epoch'], row.get('target_temperature')) for row in rows]
+      targets = [(epoch, value) for epoch, value in targets if value]
+      if key == 'kinetic_temperature' and targets:
+        ax.plot(*zip(*targets, strict=True), color=line.get_color(), linestyle=':')
     ax.set_yscale(scale)
     ax.set_xlabel('epoch')
     ax.set_title(label)

@@ -486,7 +486,10 @@ def test_init_on_shape_dtype_structs():
     ({'weight_decay': -1e-4}, r'weight_decay must be in \[0, inf\), got weight_decay=-0.0001'),
     ({'learning_rate': 0}, r'learning_rate must be in \(0, inf\), got learning_rate=0'),
     ({'learning_rate': -0.1}, r'learning_rate=-0.1'),
-    ({'cooling': 'cubic'}, "'exponential', 'linear', 'friction', got cooling='cubic'"),
+    (
+      {'cooling': 'cubic'},
+      "'exponential', 'linear', 'friction', 'thermostat', got cooling='cubic'",
+    ),
   ],
 )
 def test_invalid_hyperparameters_are_named(kwargs, message):

@@ -671,3 +671,25 @@ def test_main_takes_config_overrides(tmp_path, _compilation_cache):
   assert row['epoch'] == 1 and row['step'] == 3
   # The adam recipe of config.optimizers applies.
   assert row['learning_rate'] == pytest.approx(1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# The thermostat
+
+
+def test_thermostat_logs_its_target_and_rho_under_pmap(tmp_path):
+  config = _digits(cooling='thermostat', num_epochs=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = _rows(tmp_path)
+  _assert_sane(rows, num_epochs=2, metropolis=False, cool=True)
+  for row in rows:
+    assert isinstance(row['target_temperature'], float) and row['target_temperature'] > 0.0
+  # rho is the thermostat's, read from its state: 0 once the run has cooled.
+  assert rows[-1]['rho'] == 0.0
+  assert (tmp_path / train.CURVES_FILE).is_file()
+
+
+def test_thermostat_refuses_a_momentum_warmup(tmp_path):
+  config = _bad('cooling', 'thermostat', warmup_epochs=1.0)
+  with pytest.raises(ValueError, match=r'config.warmup_epochs must be 0 with config.cooling='):
+    train.validate_config(config)

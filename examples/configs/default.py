@@ -38,9 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = 'coolmomentum'
   config.learning_rate = 0.01
   # CoolMomentum: rho cools from rho_0 to 0 over num_epochs x steps_per_epoch steps,
-  # after warmup_epochs epochs of rho = 0.
+  # after warmup_epochs epochs of rho = 0. cooling = 'thermostat' sets rho by feedback
+  # so that the measured temperature follows an exponential path (no warm-up).
   config.rho_0 = 0.99
-  config.cooling = 'exponential'  # 'exponential', 'linear' or 'friction'.
+  config.cooling = 'exponential'  # 'exponential', 'linear', 'friction' or 'thermostat'.
   config.warmup_epochs = 0.0
   # Momentum of the 'momentum' and 'rmsprop' baselines.
   config.momentum = 0.9
