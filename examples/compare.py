@@ -45,6 +45,16 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   'seconds' is the training time the run logged (`wall_time`, across resumptions), so
   that a resumed or already finished run reports its whole cost.
   """
+  if rows and 'valid_perplexity' in rows[-1]:
+    # A language model: the last and best validation perplexity, and the last test one.
+    perplexities = [row['valid_perplexity'] for row in rows if row['valid_perplexity'] is not None]
+    return {
+      'final_train_loss': rows[-1]['train_loss'],
+      'valid_perplexity': rows[-1]['valid_perplexity'],
+      'best_valid_perplexity': min(perplexities) if perplexities else None,
+      'test_perplexity': rows[-1]['test_perplexity'],
+      'seconds': rows[-1]['wall_time'],
+    }
   accuracies = [row['test_accuracy'] for row in rows if row['test_accuracy'] is not None]
   return {
     'final_train_loss': rows[-1]['train_loss'] if rows else None,
@@ -59,6 +69,21 @@ def _format(value: Any, spec: str) -> str:
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+  if any('valid_perplexity' in result for result in results.values()):
+    lines = [
+      '| optimizer | final train loss | final valid perplexity | best valid perplexity '
+      '| final test perplexity | seconds |',
+      '|---|---:|---:|---:|---:|---:|',
+    ]
+    for name, result in results.items():
+      lines.append(
+        f'| {name} | {_format(result["final_train_loss"], ".4f")} '
+        f'| {_format(result["valid_perplexity"], ".2f")} '
+        f'| {_format(result["best_valid_perplexity"], ".2f")} '
+        f'| {_format(result["test_perplexity"], ".2f")} '
+        f'| {_format(result["seconds"], ".1f")} |'
+      )
+    return '\n'.join(lines) + '\n'
   lines = [
     '| optimizer | final train loss | final test accuracy | best test accuracy | seconds |',
     '|---|---:|---:|---:|---:|',

@@ -23,7 +23,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import coolopt
-from examples import input_pipeline, models
+from examples import input_pipeline, language_model, models, text_pipeline
 from examples.workdir import (
   CONFIG_FILE,
   CURVES_FILE,
@@ -53,7 +53,17 @@ from examples.workdir import (
   write_metrics,
 )
 
-OPTIMIZERS = ('coolmomentum', 'momentum', 'adam', 'rmsprop', 'sgd_sa', 'metropolis_coolmomentum')
+OPTIMIZERS = (
+  'coolmomentum',
+  'momentum',
+  'sgd',
+  'adam',
+  'rmsprop',
+  'sgd_sa',
+  'metropolis_coolmomentum',
+)
+# Models that read text in BPTT windows (examples/language_model.py) rather than images.
+LANGUAGE_MODELS = ('awd_lstm',)
 COOLMOMENTUM_OPTIMIZERS = ('coolmomentum', 'metropolis_coolmomentum')
 METROPOLIS_OPTIMIZERS = ('sgd_sa', 'metropolis_coolmomentum')
 PARALLELISMS = ('jit', 'pmap')
@@ -140,6 +150,37 @@ def _check_overrides(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def is_language_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.model` is a language model, trained on text in BPTT windows."""
+  return config.model in LANGUAGE_MODELS
+
+
+def _validate_language_model(config: ml_collections.ConfigDict) -> None:
+  _check_choice(config, 'dataset', text_pipeline.TEXT_DATASETS)
+  for field in ('embedding_size', 'hidden_size', 'num_layers', 'bptt', 'eval_batch_size'):
+    _check_number(config, field, lower=1, integer=True)
+  for field in (
+    'output_dropout',
+    'hidden_dropout',
+    'input_dropout',
+    'embedding_dropout',
+    'weight_dropout',
+  ):
+    _check_number(config, field, lower=0, upper=1)
+  for field in (
+    'activation_regularization',
+    'temporal_activation_regularization',
+    'gradient_clip',
+  ):
+    _check_number(config, field, lower=0)
+  if config.eval_batch_size % jax.device_count():
+    raise _invalid(
+      'eval_batch_size',
+      config.eval_batch_size,
+      f'a multiple of the device count {jax.device_count()}',
+    )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before anything is compiled, on a configuration that cannot run.
 
@@ -153,8 +194,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'optimizer', OPTIMIZERS)
   _check_overrides(config)
   config = resolve_config(config)
-  _check_choice(config, 'model', models.MODELS)
-  _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
+  _check_choice(config, 'model', (*models.MODELS, *LANGUAGE_MODELS))
+  if is_language_model(config):
+    _validate_language_model(config)
+  else:
+    _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
   _check_choice(config, 'parallelism', PARALLELISMS)
   _check_choice(config, 'cooling', (*COOLING_SCHEDULES, THERMOSTAT))
   if config.cooling == THERMOSTAT and config.warmup_epochs:
@@ -235,6 +279,20 @@ def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = N
   """`config.model`, computing in bfloat16 when `config.half_precision`, with BatchNorm
   statistics over groups of `config.batch_norm_group_size` examples (0: the whole batch)."""
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  if is_language_model(config):
+    corpus = text_pipeline.load_corpus(config.dataset, config.get('data_dir'))
+    return language_model.AWDLSTM(
+      corpus.vocab_size,
+      embedding_size=config.embedding_size,
+      hidden_size=config.hidden_size,
+      num_layers=config.num_layers,
+      output_dropout=config.output_dropout,
+      hidden_dropout=config.hidden_dropout,
+      input_dropout=config.input_dropout,
+      embedding_dropout=config.embedding_dropout,
+      weight_dropout=config.weight_dropout,
+      dtype=dtype,
+    )
   return models.get_model(
     config.model,
     config.num_classes,
@@ -321,6 +379,8 @@ def _base_optimizer(
     )
   if name == 'momentum':
     return optax.sgd(learning_rate, momentum=config.momentum)
+  if name == 'sgd':
+    return optax.sgd(learning_rate)
   if name == 'adam':
     return optax.adam(learning_rate)
   if name == 'rmsprop':
@@ -392,6 +452,9 @@ def create_optimizer(
       key=config.seed,
       axis_name=axis_name,
     )
+  if config.get('gradient_clip', 0.0) > 0:
+    # The language model's recipe: the gradient's global norm clipped first.
+    optimizer = optax.chain(optax.clip_by_global_norm(config.gradient_clip), optimizer)
   return optax.chain(optimizer, coolopt.track_kinetic_temperature())
 
 
@@ -407,6 +470,8 @@ class TrainState(struct.PyTreeNode):
     tx: the optimizer (static).
     ema: None, or the exponential moving averages `{'params', 'batch_stats'}` that
       evaluation uses (see `update_ema`).
+    carry: a language model's LSTM state after the last window, for all the
+      `batch_size` streams (see `examples.language_model`); None for image models.
   """
 
   step: jax.Array
@@ -416,6 +481,7 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   ema: Any = None
+  carry: Any = None
 
   def eval_variables(self) -> dict[str, Any]:
     """The variables evaluation uses: the moving averages if kept, else the weights."""
@@ -431,13 +497,19 @@ def create_train_state(
   tx: optax.GradientTransformation,
   *,
   ema: bool = False,
+  streams: int = 0,
 ) -> TrainState:
   """A freshly initialised train state, on the host (numpy arrays); with `ema`, moving
-  averages that start at the initial weights and statistics."""
+  averages that start at the initial weights and statistics. A language model ignores
+  `image_shape` and carries a zero LSTM state for `streams` streams."""
   params_rng, dropout_rng = jax.random.split(rng)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    {'params': params_rng}, jnp.zeros((1, *image_shape), jnp.float32)
-  )
+  carry = None
+  if isinstance(model, language_model.AWDLSTM):
+    inputs = (jnp.zeros((1, 2), jnp.int32), language_model.initial_carry(model, 1))
+    carry = language_model.initial_carry(model, streams)
+  else:
+    inputs = (jnp.zeros((1, *image_shape), jnp.float32),)
+  variables = jax.jit(functools.partial(model.init, train=False))({'params': params_rng}, *inputs)
   state = TrainState(
     step=jnp.zeros([], jnp.int32),
     params=variables['params'],
@@ -445,6 +517,7 @@ def create_train_state(
     opt_state=jax.jit(tx.init)(variables['params']),
     rng=dropout_rng,
     tx=tx,
+    carry=carry,
   )
   if ema:
     state = state.replace(ema={'params': state.params, 'batch_stats': state.batch_stats})
@@ -532,6 +605,8 @@ def train_step(
   l2_regularization: float = 0.0,
   weight_decay: float = 0.0,
   ema_decay: float = 0.0,
+  activation_regularization: float = 0.0,
+  temporal_activation_regularization: float = 0.0,
   axis_name: str | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step on a (per-device under `pmap`, global under `jit`) batch.
@@ -542,11 +617,29 @@ def train_step(
   updates are not finite changes neither the parameters, nor the optimizer state, nor
   the batch statistics; it is counted in the 'skipped' metric. With `state.ema`, the
   moving averages are updated with `ema_decay` (see `update_ema`).
+
+  A language model (`state.carry` not None) descends the mean cross-entropy per token
+  of a BPTT window plus the AR and TAR terms, starting from the carried LSTM state of
+  its streams (zero where the batch's 'reset' is 1); its 'loss' metric is the
+  cross-entropy alone, and the state after the window is carried to the next step.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
     # Each replica draws its own dropout masks, as the examples of one global batch do.
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+
+  if state.carry is not None:
+    return _language_model_step(
+      state,
+      batch,
+      model=model,
+      dropout_rng=dropout_rng,
+      penalty=functools.partial(regularization, weight_decay=weight_decay),
+      ema_decay=ema_decay,
+      alpha=activation_regularization,
+      beta=temporal_activation_regularization,
+      axis_name=axis_name,
+    )
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -571,8 +664,29 @@ def train_step(
     grads, loss, accuracy, batch_stats = jax.lax.pmean(
       (grads, loss, accuracy, batch_stats), axis_name
     )
+  new_state, metrics = _apply_gradients(
+    state, grads, loss, candidate_loss, ema_decay=ema_decay, batch_stats=batch_stats
+  )
+  return new_state, {**metrics, 'accuracy': accuracy}
+
+
+def _apply_gradients(
+  state: TrainState,
+  grads: Any,
+  loss: jax.Array,
+  value_fn: Callable[[Any], jax.Array],
+  *,
+  ema_decay: float,
+  **forward_state: Any,
+) -> tuple[TrainState, Metrics]:
+  """The optimizer's step from the (averaged) gradients of `loss`, for every model.
+
+  `forward_state` holds the new values of the state fields the forward pass changed
+  (`batch_stats`, `carry`); like the parameters, they are kept only if the step is
+  finite.
+  """
   updates, opt_state = state.tx.update(
-    grads, state.opt_state, state.params, value=loss, value_fn=candidate_loss
+    grads, state.opt_state, state.params, value=loss, value_fn=value_fn
   )
   params = optax.apply_updates(state.params, updates)
 
@@ -587,15 +701,14 @@ def train_step(
   new_state = state.replace(
     step=state.step + 1,
     params=keep_if_finite(params, state.params),
-    batch_stats=keep_if_finite(batch_stats, state.batch_stats),
     opt_state=keep_if_finite(opt_state, state.opt_state),
+    **{name: keep_if_finite(new, getattr(state, name)) for name, new in forward_state.items()},
   )
   if state.ema is not None:
     variables = {'params': new_state.params, 'batch_stats': new_state.batch_stats}
     new_state = new_state.replace(ema=update_ema(state.ema, variables, state.step, ema_decay))
   metrics = {
     'loss': loss,
-    'accuracy': accuracy,
     'kinetic_temperature': coolopt.kinetic_temperature(new_state.opt_state),
     'skipped': jnp.logical_not(finite).astype(jnp.float32),
   }
@@ -608,11 +721,85 @@ def train_step(
   return new_state, metrics
 
 
+def _replica_rows(tree: Any, rows: int, axis_name: str | None) -> Any:
+  """This replica's `rows` rows of arrays that hold all the streams; all of them under jit."""
+  if axis_name is None:
+    return tree
+  first = jax.lax.axis_index(axis_name) * rows
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, first, rows), tree)
+
+
+def _all_rows(tree: Any, axis_name: str | None) -> Any:
+  """The rows of every replica, in replica order: the inverse of `_replica_rows`."""
+  if axis_name is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.all_gather(x, axis_name, tiled=True), tree)
+
+
+def _window_carry(state: TrainState, batch: Batch, axis_name: str | None) -> Any:
+  """The LSTM state entering the window: the carried one, zero where 'reset' is 1."""
+  carry = _replica_rows(state.carry, batch['inputs'].shape[0], axis_name)
+  keep = (1.0 - batch['reset'])[:, None]
+  return jax.tree.map(lambda x: x * keep.astype(x.dtype), carry)
+
+
+def _language_model_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  model: language_model.AWDLSTM,
+  dropout_rng: jax.Array,
+  penalty: Callable[[Any], jax.Array],
+  ema_decay: float,
+  alpha: float,
+  beta: float,
+  axis_name: str | None,
+) -> tuple[TrainState, Metrics]:
+  """`train_step` for a language model: one BPTT window of every stream."""
+  carry = _window_carry(state, batch, axis_name)
+
+  def loss_fn(params):
+    objective, (token_loss, _, new_carry) = language_model.window_loss(
+      model, params, carry, batch, train=True, rng=dropout_rng, alpha=alpha, beta=beta
+    )
+    return objective + penalty(params), (token_loss, new_carry)
+
+  def candidate_loss(params):
+    # The same window, dropout key and carried state as `loss`.
+    return loss_fn(params)[0]
+
+  (loss, (token_loss, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    # Every stream ends a window at the same position, so each replica counts alike.
+    grads, loss, token_loss = jax.lax.pmean((grads, loss, token_loss), axis_name)
+  new_state, metrics = _apply_gradients(
+    state, grads, loss, candidate_loss, ema_decay=ema_decay, carry=_all_rows(new_carry, axis_name)
+  )
+  return new_state, {**metrics, 'loss': token_loss}
+
+
 def eval_step(
   state: TrainState, batch: Batch, *, model: nn.Module, axis_name: str | None = None
 ) -> Metrics:
   """Sums of loss, correct predictions and real examples (mask 1) over an evaluation
-  batch, with `state.eval_variables()`."""
+  batch, with `state.eval_variables()`.
+
+  A language model sums the cross-entropy and the real tokens of a window of its
+  evaluation streams, from the state `state.carry`, and returns the state after the
+  window as 'carry'.
+  """
+  if state.carry is not None:
+    _, (token_loss, count, carry) = language_model.window_loss(
+      model,
+      state.eval_variables()['params'],
+      _window_carry(state, batch, axis_name),
+      batch,
+      train=False,
+    )
+    sums = {'loss': token_loss * count, 'count': count}
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return {**sums, 'carry': _all_rows(carry, axis_name)}
   logits = model.apply(state.eval_variables(), batch['image'], train=False)
   mask = batch['mask']
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
@@ -665,6 +852,8 @@ def _pmap_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Paral
     l2_regularization=config.l2_regularization,
     weight_decay=config.weight_decay,
     ema_decay=config.ema_decay,
+    activation_regularization=config.get('activation_regularization', 0.0),
+    temporal_activation_regularization=config.get('temporal_activation_regularization', 0.0),
     axis_name=AXIS_NAME,
   )
   evaluate = functools.partial(eval_step, model=model, axis_name=AXIS_NAME)
@@ -691,6 +880,8 @@ def _jit_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Parall
     l2_regularization=config.l2_regularization,
     weight_decay=config.weight_decay,
     ema_decay=config.ema_decay,
+    activation_regularization=config.get('activation_regularization', 0.0),
+    temporal_activation_regularization=config.get('temporal_activation_regularization', 0.0),
   )
   evaluate = functools.partial(eval_step, model=model)
 
@@ -736,7 +927,9 @@ def _mean(values: np.ndarray) -> float | None:
 
 def empty_step_metrics(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepMetrics:
   """The per-step metrics of an epoch before its first step: NaN, one entry per step."""
-  keys = ('loss', 'accuracy', 'kinetic_temperature', 'skipped')
+  keys = ('loss', 'kinetic_temperature', 'skipped')
+  if not is_language_model(config):
+    keys += ('accuracy',)
   if config.optimizer in METROPOLIS_OPTIMIZERS:
     keys += ('accepted',)
   if config.optimizer in COOLMOMENTUM_OPTIMIZERS and config.cooling == THERMOSTAT:
@@ -777,7 +970,7 @@ def train_epoch(
     key: np.array(values)
     for key, values in (step_metrics or empty_step_metrics(config, steps_per_epoch)).items()
   }
-  batches = input_pipeline.create_input_iter(
+  batches = _pipeline(config).create_input_iter(
     config, 'train', epoch=epoch, global_batch_size=config.batch_size, start_step=start_step
   )
   show = config.progress_bar and jax.process_index() == 0
@@ -828,16 +1021,27 @@ def train_epoch(
   seconds = time.perf_counter() - start if start is not None else 0.0
   progress.close()
   # The steps after the first of this process; None without such steps.
-  images_per_sec = timed_steps * config.batch_size / seconds if timed_steps else None
-  return state, summarize_steps(step_metrics, images_per_sec), step_metrics
+  steps_per_sec = timed_steps / seconds if timed_steps else None
+  return state, summarize_steps(step_metrics, throughput(config, steps_per_sec)), step_metrics
 
 
-def summarize_steps(step_metrics: StepMetrics, images_per_sec: float | None) -> dict[str, Any]:
-  """The epoch's training metrics from its per-step metrics."""
+def throughput(
+  config: ml_collections.ConfigDict, steps_per_sec: float | None
+) -> dict[str, float | None]:
+  """`{'images_per_sec': ...}`, or a language model's `{'tokens_per_sec': ...}`."""
+  if is_language_model(config):
+    return {'tokens_per_sec': steps_per_sec and steps_per_sec * config.batch_size * config.bptt}
+  return {'images_per_sec': steps_per_sec and steps_per_sec * config.batch_size}
+
+
+def summarize_steps(
+  step_metrics: StepMetrics, throughput: Mapping[str, float | None]
+) -> dict[str, Any]:
+  """The epoch's training metrics from its per-step metrics, with `throughput`."""
   stacked = {key: values.astype(np.float64) for key, values in step_metrics.items()}
   return {
     'train_loss': _mean(stacked['loss']),
-    'train_accuracy': _mean(stacked['accuracy']),
+    'train_accuracy': _mean(stacked['accuracy']) if 'accuracy' in stacked else None,
     'kinetic_temperature': _mean(stacked['kinetic_temperature']),
     'acceptance_rate': float(np.mean(stacked['accepted'])) if 'accepted' in stacked else None,
     # The thermostat's target, to compare with the measured kinetic temperature.
@@ -845,7 +1049,7 @@ def summarize_steps(step_metrics: StepMetrics, images_per_sec: float | None) -> 
     if 'target_temperature' in stacked
     else None,
     'skipped_steps': int(np.sum(stacked['skipped'])),
-    'images_per_sec': images_per_sec,
+    **throughput,
   }
 
 
@@ -855,8 +1059,12 @@ def evaluate(
   """Mean loss and accuracy in inference mode, with `state.eval_variables()`.
 
   Over the test split (or its first `config.steps_per_eval` batches), or over the
-  whole training split, without augmentation, for `split='train'`.
+  whole training split, without augmentation, for `split='train'`. A language model
+  returns the loss per token and the perplexity over `split` ('valid' or 'test') in
+  `config.eval_batch_size` streams, the LSTM state carried from window to window.
   """
+  if is_language_model(config):
+    return _evaluate_language_model(parallel, state, config, split)
   batches = input_pipeline.create_input_iter(
     config, split, epoch=0, global_batch_size=config.batch_size, evaluation=True
   )
@@ -864,6 +1072,28 @@ def evaluate(
   totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get_metrics(sums))
   count = max(totals['count'], 1.0)
   return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count}
+
+
+def _evaluate_language_model(
+  parallel: Parallel, state: TrainState, config: ml_collections.ConfigDict, split: str
+) -> dict[str, float]:
+  # Zero states for the evaluation streams, placed on the devices as the train state.
+  carry = parallel.put_state(
+    jax.tree.map(lambda x: np.zeros((config.eval_batch_size, x.shape[-1]), x.dtype), state.carry)
+  )
+  sums = []
+  for batch in text_pipeline.create_input_iter(config, split):
+    window = parallel.eval_step(state.replace(carry=carry), parallel.put_batch(batch))
+    carry = window.pop('carry')
+    sums.append(window)
+  totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get_metrics(sums))
+  loss = totals['loss'] / max(totals['count'], 1.0)
+  return {'loss': loss, 'perplexity': math.exp(loss)}
+
+
+def _pipeline(config: ml_collections.ConfigDict) -> Any:
+  """The module that reads `config.dataset`: text_pipeline or input_pipeline."""
+  return text_pipeline if is_language_model(config) else input_pipeline
 
 
 def _thermostat_rho(state: TrainState) -> float | None:
@@ -986,10 +1216,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   validate_config(config)
   config = resolve_config(config)
-  info = input_pipeline.dataset_info(config)
-  if info.num_classes != config.num_classes:
-    raise _invalid('num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}')
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
+  language = is_language_model(config)
+  if language:
+    image_shape = ()
+    steps_per_epoch = text_pipeline.steps_per_epoch(config)
+  else:
+    info = input_pipeline.dataset_info(config)
+    if info.num_classes != config.num_classes:
+      raise _invalid('num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}')
+    image_shape = info.image_shape
+    steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
   # The stored config says how long an epoch was, so that a changed data set shows too.
   config.steps_per_epoch = steps_per_epoch
   # Before anything is compiled: a resume must not change the trajectory.
@@ -1007,7 +1243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     os.makedirs(workdir, exist_ok=True)
   manager = _checkpoint_manager(workdir, config)
   host_state = create_train_state(
-    jax.random.PRNGKey(config.seed), model, info.image_shape, tx, ema=config.ema_decay > 0
+    jax.random.PRNGKey(config.seed),
+    model,
+    image_shape,
+    tx,
+    ema=config.ema_decay > 0,
+    streams=config.batch_size if language else 0,
   )
   host_state, position = restore_checkpoint(
     manager, host_state, empty_step_metrics(config, steps_per_epoch)
@@ -1036,9 +1277,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     save_checkpoint(manager, host_state, saved)
 
   def finish_epoch(epoch: int, host_state: TrainState, summary: dict[str, Any]) -> None:
-    test = evaluate(parallel, state, config)
-    summary.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
-    if config.eval_train:
+    if language:
+      for split in ('valid', 'test'):
+        result = evaluate(parallel, state, config, split)
+        summary.update(
+          {f'{split}_loss': result['loss'], f'{split}_perplexity': result['perplexity']}
+        )
+    else:
+      test = evaluate(parallel, state, config)
+      summary.update(test_loss=test['loss'], test_accuracy=test['accuracy'])
+    if config.eval_train and not language:
       # The paper's training loss (its Fig. 1, the authors' Keras callback): the
       # objective over the whole training set in inference mode, penalty included.
       train_eval = evaluate(parallel, state, config, 'train')
@@ -1076,7 +1324,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if position.epoch and not position.step_in_epoch and len(history) < position.epoch:
     # Stopped between the checkpoint at an epoch's end and that epoch's row: the
     # checkpoint holds the epoch's per-step metrics, the row is made again from them.
-    finish_epoch(position.epoch - 1, host_state, summarize_steps(position.step_metrics, None))
+    finish_epoch(
+      position.epoch - 1,
+      host_state,
+      summarize_steps(position.step_metrics, throughput(config, None)),
+    )
 
   for epoch in range(position.epoch, config.num_epochs):
     partial = epoch == position.epoch and position.step_in_epoch > 0

@@ -129,9 +129,13 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> N
   (`eval_train_loss`, the paper's Fig. 1) for a run that logs it, and the mean of the
   epoch's minibatch losses (`train_loss`) otherwise.
   """
+  language = any(row.get('valid_perplexity') is not None for rows in runs.values() for row in rows)
   panels = (
     (('eval_train_loss', 'train_loss'), 'training loss', 'log'),
-    (('test_accuracy',), 'test accuracy', 'linear'),
+    # A language model's second panel is its validation perplexity.
+    (('valid_perplexity',), 'validation perplexity', 'log')
+    if language
+    else (('test_accuracy',), 'test accuracy', 'linear'),
     (('kinetic_temperature',), 'kinetic temperature (mean dx²)', 'log'),
   )
   # Fixed margins: a layout engine would cost more than the drawing, every epoch.
@@ -158,5 +162,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> N
     ax.set_xlabel('epoch')
     ax.set_title(label)
     ax.grid(True, alpha=0.3)
-  axes[1].legend(loc='lower right')  # 'best' would cost more than the whole drawing.
+  axes[1].legend(
+    loc='upper right' if language else 'lower right'
+  )  # 'best' would cost more than the whole drawing.
   figure.savefig(path, dpi=100)

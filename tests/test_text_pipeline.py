@@ -1,0 +1,172 @@
+"""Tests for the text corpora and the BPTT batching of the language-model trainer."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from examples import text_pipeline as tp
+
+# A small corpus in the PTB files' format: one sentence a line, words split by spaces.
+SMALL = {
+  'train': [' the cat sat on the mat ', ' the dog sat ', ' a cat ran'],
+  'valid': [' the dog ran '],
+  'test': [' a mat sat on the cat'],
+}
+
+
+def _write_ptb(directory, splits=SMALL):
+  for name, lines in splits.items():
+    (directory / f'ptb.{name}.txt').write_text('\n'.join(lines) + '\n')
+
+
+def test_ptb_is_read_as_the_reference_reads_it(tmp_path):
+  _write_ptb(tmp_path)
+  corpus = tp.load_corpus('ptb', str(tmp_path))
+  # Words numbered in order of first appearance, <eos> after every line.
+  assert corpus.vocabulary == ('the', 'cat', 'sat', 'on', 'mat', '<eos>', 'dog', 'a', 'ran')
+  words = [corpus.vocabulary[i] for i in corpus.train]
+  assert words == [
+    'the',
+    'cat',
+    'sat',
+    'on',
+    'the',
+    'mat',
+    '<eos>',
+    'the',
+    'dog',
+    'sat',
+    '<eos>',
+    'a',
+    'cat',
+    'ran',
+    '<eos>',
+  ]
+  assert [corpus.vocabulary[i] for i in corpus.valid] == ['the', 'dog', 'ran', '<eos>']
+  assert [corpus.vocabulary[i] for i in corpus.split('test')] == (
+    ['a', 'mat', 'sat', 'on', 'the', 'cat', '<eos>']
+  )
+  assert corpus.train.dtype == np.int32
+  assert corpus.vocab_size == 9
+
+
+def test_missing_ptb_files_say_where_to_get_them(tmp_path):
+  _write_ptb(tmp_path, {'train': SMALL['train']})
+  with pytest.raises(FileNotFoundError, match=r'lacks ptb\.valid\.txt, ptb\.test\.txt') as error:
+    tp.load_corpus('ptb', str(tmp_path))
+  assert 'simple-examples.tgz' in str(error.value)
+  assert 'config.data_dir' in str(error.value)
+  with pytest.raises(FileNotFoundError, match=r'config\.data_dir is not set'):
+    tp.load_corpus('ptb', None)
+
+
+def test_unknown_dataset_and_split_are_refused():
+  with pytest.raises(ValueError, match="dataset must be one of 'python_docs', 'ptb', got 'wiki'"):
+    tp.load_corpus('wiki')
+  corpus = tp.tokenize({name: ['a b'] for name in tp.SPLITS})
+  with pytest.raises(ValueError, match=r"split must be one of .* got 'dev'"):
+    corpus.split('dev')
+
+
+def test_python_docs_is_real_text_split_without_overlap():
+  corpus = tp.load_corpus('python_docs')
+  lines = tp.python_docs_lines()
+  # About 65,000 words of the Python Language Reference, plus punctuation and <eos>.
+  assert len(corpus.train) > 50_000
+  assert len(corpus.valid) > 2_000 and len(corpus.test) > 2_000
+  assert 1_000 < corpus.vocab_size < 10_000
+  assert len(lines['train']) > 15 * len(lines['valid'])
+  train_words = {w for line in lines['train'] for w in line.split()}
+  # Every word of the held-out splits is a training word or <unk>.
+  for name in ('valid', 'test'):
+    assert {w for line in lines[name] for w in line.split()} <= train_words | {tp.UNK}
+  text = ' '.join(lines['train'][:50])
+  assert 'statement' in text and 'expression' in text
+  assert '*' * 3 not in text.replace(' ', '')  # no heading underlines
+  assert tp.load_corpus('python_docs') is corpus  # read once
+
+
+def test_batchify_makes_contiguous_streams():
+  tokens = np.arange(23)
+  streams = tp.batchify(tokens, 4)
+  assert streams.shape == (4, 5)
+  np.testing.assert_array_equal(streams[1], [5, 6, 7, 8, 9])
+  with pytest.raises(ValueError, match='batch_size=12 leaves streams of 1 tokens from 23'):
+    tp.batchify(tokens, 12)
+  with pytest.raises(ValueError, match='batch_size must be a positive integer, got batch_size=0'):
+    tp.batchify(tokens, 0)
+
+
+def test_bptt_windows_cover_every_target_once():
+  streams = tp.batchify(np.arange(30), 3)  # rows of 10: 9 input positions each
+  windows = list(tp.bptt_windows(streams, 4))
+  assert tp.num_windows(streams, 4) == len(windows) == 3
+  for window in windows:
+    assert window['inputs'].shape == window['targets'].shape == window['mask'].shape == (3, 4)
+  np.testing.assert_array_equal(windows[0]['inputs'][2], [20, 21, 22, 23])
+  np.testing.assert_array_equal(windows[0]['targets'][2], [21, 22, 23, 24])
+  # The last window holds one real position, then padding with mask 0.
+  np.testing.assert_array_equal(windows[2]['mask'][0], [1, 0, 0, 0])
+  np.testing.assert_array_equal(windows[2]['targets'][0, :1], [9])
+  targets = np.concatenate([w['targets'][w['mask'] == 1] for w in windows])
+  expected = np.concatenate([np.arange(1, 10) + 10 * row for row in range(3)])
+  np.testing.assert_array_equal(np.sort(targets), np.sort(expected))
+  # Part of a pass: the windows start..stop of the whole.
+  part = list(tp.bptt_windows(streams, 4, start=1, stop=2))
+  assert len(part) == 1
+  np.testing.assert_array_equal(part[0]['inputs'], windows[1]['inputs'])
+  with pytest.raises(ValueError, match='bptt must be a positive integer, got bptt=0'):
+    next(tp.bptt_windows(streams, 0))
+
+
+def _config(tmp_path, **fields):
+  _write_ptb(tmp_path, {**SMALL, 'train': SMALL['train'] * 4})
+  config = ml_collections.ConfigDict(
+    {
+      'dataset': 'ptb',
+      'data_dir': str(tmp_path),
+      'batch_size': 4,
+      'eval_batch_size': 2,
+      'bptt': 3,
+      'steps_per_epoch': -1,
+      'steps_per_eval': -1,
+    }
+  )
+  config.update(fields)
+  return config
+
+
+def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
+  config = _config(tmp_path)
+  streams = tp.split_streams(config, 'train')
+  assert streams.shape == (4, 15)  # 60 training tokens in 4 streams
+  assert tp.steps_per_epoch(config) == tp.num_windows(streams, 3) == 5
+  windows = list(tp.create_input_iter(config, 'train', epoch=3, num_local_devices=2))
+  assert len(windows) == 5
+  expected = list(tp.bptt_windows(streams, 3))
+  for window, reference in zip(windows, expected, strict=True):
+    assert window['inputs'].shape == (2, 2, 3)  # [devices, streams per device, bptt]
+    np.testing.assert_array_equal(window['inputs'].reshape(4, 3), reference['inputs'])
+    np.testing.assert_array_equal(window['mask'].reshape(4, 3), reference['mask'])
+  assert [float(w['reset'].max()) for w in windows] == [1, 0, 0, 0, 0]
+  assert all(w['reset'].min() == w['reset'].max() for w in windows)
+  # Resuming inside the epoch yields the rest of the same windows.
+  rest = list(tp.create_input_iter(config, 'train', num_local_devices=2, start_step=3))
+  np.testing.assert_array_equal(rest[0]['targets'], windows[3]['targets'])
+  assert len(rest) == 2
+  # An epoch longer than a pass starts the streams again, from a reset state.
+  longer = list(
+    tp.create_input_iter(_config(tmp_path, steps_per_epoch=7), 'train', num_local_devices=1)
+  )
+  assert [float(w['reset'].max()) for w in longer] == [1, 0, 0, 0, 0, 1, 0]
+  np.testing.assert_array_equal(longer[5]['inputs'], longer[0]['inputs'])
+
+
+def test_trainer_evaluation_windows(tmp_path):
+  config = _config(tmp_path, steps_per_eval=1)
+  assert tp.steps_per_eval(_config(tmp_path), 'valid') == 1  # 4 tokens in 2 streams
+  (window,) = tp.create_input_iter(config, 'valid', num_local_devices=1)
+  assert window['inputs'].shape == (1, 2, 3)
+  np.testing.assert_array_equal(window['mask'][0], [[1, 0, 0], [1, 0, 0]])
+  with pytest.raises(ValueError, match=r'config\.eval_batch_size must be a multiple of the'):
+    next(tp.create_input_iter(config, 'test', num_local_devices=4))

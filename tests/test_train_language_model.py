@@ -1,0 +1,176 @@
+"""The trainer on the AWD-LSTM language model: metrics, exact resume inside an epoch,
+pmap against jit, the recipe and examples.compare."""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from examples import compare, text_pipeline, train, workdir
+from examples.configs import lstm_lm
+
+LM_ROW_KEYS = {
+  'train_loss',
+  'valid_loss',
+  'valid_perplexity',
+  'test_loss',
+  'test_perplexity',
+  'kinetic_temperature',
+  'rho',
+  'learning_rate',
+  'tokens_per_sec',
+}
+_TIMING = ('tokens_per_sec', 'wall_time')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """A persistent compilation cache: the runs here compile the same programs."""
+  settings = {
+    'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('compilation_cache')),
+    'jax_persistent_cache_min_compile_time_secs': 0.0,
+  }
+  previous = {name: getattr(jax.config, name) for name in settings}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def _tiny(**fields) -> ml_collections.ConfigDict:
+  """The recipe on python_docs with a tiny model and a few windows of 8 streams (one per
+  test device)."""
+  config = lstm_lm.get_config()
+  config.update(
+    embedding_size=8,
+    hidden_size=16,
+    num_layers=2,
+    bptt=10,
+    batch_size=8,
+    eval_batch_size=8,
+    steps_per_epoch=4,
+    steps_per_eval=2,
+    num_epochs=2,
+    progress_bar=False,
+  )
+  config.update(fields)
+  return config
+
+
+def _rows(directory) -> list[dict]:
+  return workdir.read_metrics(os.path.join(directory, workdir.METRICS_FILE))
+
+
+def _assert_same_rows(rows, expected):
+  assert len(rows) == len(expected)
+  for row, expected_row in zip(rows, expected, strict=True):
+    for key in expected_row.keys() - set(_TIMING):
+      if expected_row[key] is None:
+        assert row[key] is None, key
+      else:
+        np.testing.assert_allclose(row[key], expected_row[key], rtol=1e-6, err_msg=key)
+
+
+def _recipe(**fields) -> ml_collections.ConfigDict:
+  # Batches of 8 streams: the tests' 8 devices divide neither 20 nor 10.
+  config = lstm_lm.get_config()
+  config.update({'batch_size': 8, 'eval_batch_size': 8, **fields})
+  return config
+
+
+def test_recipe_is_the_authors_command():
+  config = train.resolve_config(lstm_lm.get_config())
+  assert (config.batch_size, config.num_epochs, config.seed) == (20, 500, 141)
+  assert (config.input_dropout, config.hidden_dropout) == (0.4, 0.25)
+  assert (config.embedding_size, config.hidden_size, config.num_layers) == (400, 1150, 3)
+  assert (config.learning_rate, config.rho_0, config.weight_decay) == (0.1, 0.99, 1.2e-6)
+  assert config.gradient_clip == 0.25
+  for optimizer in ('coolmomentum', 'sgd'):
+    train.validate_config(_recipe(optimizer=optimizer))
+  assert train.resolve_config(_recipe(optimizer='sgd')).learning_rate == 30.0
+  train.validate_config(_recipe(dataset='ptb'))
+  with pytest.raises(ValueError, match=r"config\.dataset must be one of 'python_docs', 'ptb'"):
+    train.validate_config(_recipe(dataset='cifar10'))
+  with pytest.raises(ValueError, match=r'config\.weight_dropout must be a number in \[0, 1\)'):
+    train.validate_config(_recipe(weight_dropout=1.0))
+  with pytest.raises(ValueError, match=r'config\.eval_batch_size must be a multiple of the device'):
+    train.validate_config(_recipe(eval_batch_size=10))
+
+
+def test_trains_and_resumes_exactly_inside_an_epoch(tmp_path):
+  # Checkpoints every 2 steps of 4-step epochs: the run loses its last one (step 8) and
+  # the row of epoch 2, and resumes at step 6, inside epoch 2, with the LSTM state that
+  # the checkpoint carried; it must end as an uninterrupted run.
+  resumed, straight = tmp_path / 'resumed', tmp_path / 'straight'
+  config = _tiny(optimizer='sgd', checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(resumed))
+  shutil.rmtree(resumed / train.CHECKPOINT_DIR / '8')
+  assert os.path.isdir(resumed / train.CHECKPOINT_DIR / '6')
+  resumed_state = train.train_and_evaluate(config, str(resumed))
+  straight_state = train.train_and_evaluate(config, str(straight))
+
+  rows = _rows(straight)
+  assert [row['epoch'] for row in rows] == [1, 2]
+  vocab_size = text_pipeline.load_corpus('python_docs').vocab_size
+  for row in rows:
+    assert row.keys() >= LM_ROW_KEYS
+    assert all(row[key] is not None for key in LM_ROW_KEYS - {'rho'}), row
+    assert row['rho'] is None  # SGD has no rho
+    np.testing.assert_allclose(row['valid_perplexity'], math.exp(row['valid_loss']), rtol=1e-9)
+  # SGD at lr 30 learns from the first windows: below a uniform guess, and lower again.
+  assert rows[1]['valid_perplexity'] < rows[0]['valid_perplexity'] < vocab_size
+  _assert_same_rows(_rows(resumed), rows)
+  jax.tree.map(np.testing.assert_array_equal, resumed_state.params, straight_state.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed_state.carry, straight_state.carry)
+  assert resumed_state.carry[0][0].shape == (8, 16)
+  assert os.path.exists(straight / workdir.CURVES_FILE)
+  with open(straight / workdir.CONFIG_FILE) as f:
+    assert json.load(f)['model'] == 'awd_lstm'
+
+
+def test_pmap_and_jit_train_alike(tmp_path):
+  # Without dropout both compute the same steps: under pmap each replica takes its row of
+  # the carried state and gathers the new rows of all.
+  no_dropout = {
+    name: 0.0
+    for name in (
+      'output_dropout',
+      'hidden_dropout',
+      'input_dropout',
+      'embedding_dropout',
+      'weight_dropout',
+    )
+  }
+  fields = dict(num_epochs=1, steps_per_epoch=3, **no_dropout)
+  pmap = train.train_and_evaluate(_tiny(parallelism='pmap', **fields), str(tmp_path / 'pmap'))
+  jit = train.train_and_evaluate(_tiny(parallelism='jit', **fields), str(tmp_path / 'jit'))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)  # noqa: E731
+  jax.tree.map(close, pmap.params, jit.params)
+  jax.tree.map(close, pmap.carry, jit.carry)
+  (pmap_row,), (jit_row,) = _rows(tmp_path / 'pmap'), _rows(tmp_path / 'jit')
+  for key in ('train_loss', 'valid_perplexity', 'test_perplexity', 'kinetic_temperature'):
+    np.testing.assert_allclose(pmap_row[key], jit_row[key], rtol=2e-4, err_msg=key)
+
+
+def test_compare_reports_perplexities(tmp_path):
+  results = compare.compare(
+    _tiny(num_epochs=1, steps_per_epoch=2), str(tmp_path), ['coolmomentum', 'sgd']
+  )
+  assert set(results) == {'coolmomentum', 'sgd'}
+  for result in results.values():
+    assert result['valid_perplexity'] == result['best_valid_perplexity'] > 1
+    assert result['test_perplexity'] > 1
+  table = (tmp_path / 'comparison.md').read_text()
+  assert 'best valid perplexity' in table and '| sgd |' in table
+  assert (tmp_path / 'comparison.png').exists()
+  rows = _rows(tmp_path / 'coolmomentum')
+  assert rows[0]['rho'] is not None and rows[0]['learning_rate'] == 0.1
