@@ -20,7 +20,13 @@ from coolopt.diagnostics import (
   kinetic_temperature,
   track_kinetic_temperature,
 )
-from coolopt.metropolis import MetropolisState, acceptance_rate, metropolis, sgd_sa
+from coolopt.metropolis import (
+  SGD_SA_LEARNING_RATES,
+  MetropolisState,
+  acceptance_rate,
+  metropolis,
+  sgd_sa,
+)
 from coolopt.random_walk import RandomWalkState, random_walk
 from coolopt.range_test import (
   divergence_step,
@@ -34,6 +40,7 @@ from coolopt.thermostat import ThermostatState, scale_by_thermostat, thermostat_
 __version__ = '0.1.0'
 
 __all__ = [
+  'SGD_SA_LEARNING_RATES',
   'CoolMomentumState',
   'KineticTemperatureState',
   'MetropolisState',
