@@ -55,7 +55,7 @@ from benchmarks.timing import (
   set_trainer_xla_flags,
   time_rounds,
 )
-from examples import train
+from examples import optimizers, schema, train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
 tf.config.set_visible_devices([], 'GPU')
@@ -145,9 +145,9 @@ def jax_step(
   config.optimizer = 'momentum'
   config.image_size = image_size
   config.parallelism = 'jit'
-  config = train.resolve_config(config)
+  config = schema.resolve_config(config)
   model = train.create_model(config)
-  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
+  tx, _ = optimizers.create_optimizer(config, STEPS_PER_EPOCH)
   state = train.create_train_state(jax.random.PRNGKey(0), model, images.shape[1:], tx)
   parallel = train.create_parallel(config, model)
   batch = parallel.put_batch({'image': images[None], 'label': labels[None]})

@@ -9,7 +9,7 @@ recipe's baseline), two jit-compiled steps are timed on one fixed synthetic batc
   with `config.parallelism = 'jit'` (forward, backward, optimizer, the finite-step
   check), the train state donated, as `examples.train` runs it;
 - (b) the optimizer alone: `tx.update` + `optax.apply_updates` with the same `tx`
-  (`examples.train.create_optimizer`), on float32 gradients shaped like the
+  (`examples.optimizers.create_optimizer`), on float32 gradients shaped like the
   parameters, parameters and optimizer state donated.
 
 All steps run in interleaved rounds (the starting one rotates from round to round);
@@ -51,7 +51,7 @@ from benchmarks.timing import (
   set_trainer_xla_flags,
   time_rounds,
 )
-from examples import train
+from examples import optimizers, schema, train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
 CONFIGS = {'resnet20': cifar10_resnet20, 'efficientnet_b0': imagenet_efficientnet_b0}
@@ -69,7 +69,7 @@ def make_config(model: str, optimizer: str, image_size: int, half_precision: boo
   config.image_size = image_size
   config.half_precision = half_precision
   config.parallelism = 'jit'
-  return train.resolve_config(config)
+  return schema.resolve_config(config)
 
 
 def build(
@@ -78,7 +78,7 @@ def build(
   """The train step and the optimizer step of one (model, optimizer), and the parameter count."""
   config = make_config(model_name, optimizer, image_size, half)
   model = train.create_model(config)
-  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
+  tx, _ = optimizers.create_optimizer(config, STEPS_PER_EPOCH)
   shape = (image_size, image_size, config.num_channels)
   host_state = train.create_train_state(jax.random.PRNGKey(seed), model, shape, tx)
   parallel = train.create_parallel(config, model)

@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from examples import main as trainer_main
-from examples import train
+from examples import schema, train
 
 FLAGS = flags.FLAGS
 
@@ -109,7 +109,7 @@ def compare(
   configs = {name: optimizer_config(config, name) for name in optimizers}
   # Every configuration is checked before the first one spends time training.
   for name_config in configs.values():
-    train.validate_config(name_config)
+    schema.validate_config(name_config)
   results, runs = {}, {}
   for name, name_config in configs.items():
     run_dir = os.path.join(workdir, name)

@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 import coolopt
-from examples import input_pipeline, train
+from examples import data_parallel, input_pipeline, optimizers, schema, train
 from examples import main as trainer_main
 
 FLAGS = flags.FLAGS
@@ -120,8 +120,8 @@ def lr_find(
     ValueError: for a config that cannot train, for 'sgd_sa' (its rates are its
       multipliers: there is no learning rate to find), or for bad arguments.
   """
-  train.validate_config(config)
-  config = train.resolve_config(config)
+  schema.validate_config(config)
+  config = schema.resolve_config(config)
   if config.optimizer == 'sgd_sa':
     raise ValueError(
       "config.optimizer must have a learning rate for the range test, got 'sgd_sa', whose "
@@ -135,9 +135,9 @@ def lr_find(
 
   info = input_pipeline.dataset_info(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
-  axis_name = train.AXIS_NAME if config.parallelism == 'pmap' else None
+  axis_name = data_parallel.AXIS_NAME if config.parallelism == 'pmap' else None
   model = train.create_model(config, axis_name=axis_name)
-  tx = train.create_optimizer(
+  tx, _ = optimizers.create_optimizer(
     config, steps_per_epoch, axis_name=axis_name, learning_rate=schedule, constant_rho=True
   )
   host_state = train.create_train_state(

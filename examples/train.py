@@ -1,9 +1,21 @@
-"""Trains and evaluates an image classifier with coolopt, after Flax's examples/imagenet.
+"""Trains and evaluates an image classifier or a language model with coolopt, after
+Flax's examples/imagenet.
 
-One step body, `train_step`, runs under a sharded `jax.jit` over a 1-D device mesh
-(`config.parallelism = 'jit'`, the default: the batch is one global array split over
-the devices and no axis name appears inside) and under `jax.pmap` (`'pmap'`: gradients,
-losses, metrics and batch statistics are averaged over the axis 'batch').
+This module holds the steps and the loop, in reading order: the model and train state,
+`train_step` and `eval_step`, the epoch, and `train_and_evaluate`. Around it:
+
+- `examples/configs/default.py` declares every config field; `examples/schema.py` checks
+  them and applies the per-optimizer overrides.
+- `examples/optimizers.py` builds the optax transformation of `config.optimizer` and the
+  schedules it runs on.
+- `examples/data_parallel.py` compiles the steps under a sharded `jax.jit` over a 1-D
+  device mesh (`config.parallelism = 'jit'`, the default: the batch is one global array
+  split over the devices and no axis name appears inside) or under `jax.pmap`
+  (`'pmap'`: gradients, losses, metrics and batch statistics are averaged over the axis
+  'batch').
+- `examples/input_pipeline.py` and `examples/text_pipeline.py` feed images and text;
+  `examples/models.py` and `examples/language_model.py` hold the models.
+- `examples/checkpoints.py` and `examples/workdir.py` write the workdir.
 
 A run is a function of its config: the global batches do not depend on the number of
 processes or devices, the resolved config is stored in the workdir (`config.json`) and
@@ -18,12 +30,11 @@ temperature), and, from all processes together, the orbax checkpoints, named by 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,16 +42,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 from absl import logging
-from flax import jax_utils, struct
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from flax import struct
 
 import coolopt
-from examples import input_pipeline, language_model, models, text_pipeline
+from examples import (
+  checkpoints,
+  data_parallel,
+  input_pipeline,
+  language_model,
+  models,
+  optimizers,
+  schema,
+  text_pipeline,
+)
 from examples.workdir import (
   CONFIG_FILE,
   CURVES_FILE,
@@ -53,233 +70,20 @@ from examples.workdir import (
   write_metrics,
 )
 
-OPTIMIZERS = (
-  'coolmomentum',
-  'momentum',
-  'sgd',
-  'adam',
-  'rmsprop',
-  'sgd_sa',
-  'metropolis_coolmomentum',
-)
-# Models that read text in BPTT windows (examples/language_model.py) rather than images.
-LANGUAGE_MODELS = ('awd_lstm',)
-COOLMOMENTUM_OPTIMIZERS = ('coolmomentum', 'metropolis_coolmomentum')
-METROPOLIS_OPTIMIZERS = ('sgd_sa', 'metropolis_coolmomentum')
-PARALLELISMS = ('jit', 'pmap')
-LR_SCHEDULES = ('constant', 'piecewise', 'exponential')
-COOLING_SCHEDULES = coolopt.schedules.COOLING_SCHEDULES
-# Cooling by feedback instead of a schedule: rho follows the measured temperature.
-THERMOSTAT = 'thermostat'
-AXIS_NAME = 'batch'
-CHECKPOINT_DIR = 'checkpoints'
-
 Batch = dict[str, Any]
 Metrics = dict[str, jax.Array]
-StepMetrics = dict[str, np.ndarray]
+StepMetrics = checkpoints.StepMetrics
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration
-
-
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with references resolved and `config.optimizers[optimizer]` applied."""
-  config = config.copy_and_resolve_references()
-  overrides = config.optimizers.get(config.optimizer)
-  if overrides is not None:
-    for field, value in overrides.items():
-      config[field] = value
-  return config
-
-
-def _invalid(field: str, value: Any, expected: str) -> ValueError:
-  return ValueError(f'config.{field} must be {expected}, got config.{field}={value!r}.')
-
-
-def _check_choice(config: ml_collections.ConfigDict, field: str, choices: Iterable[str]) -> None:
-  choices = tuple(choices)
-  if config[field] not in choices:
-    raise _invalid(field, config[field], 'one of ' + ', '.join(map(repr, choices)))
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_number(
-  config: ml_collections.ConfigDict,
-  field: str,
-  *,
-  lower: float | None = None,
-  upper: float | None = None,
-  lower_inclusive: bool = True,
-  upper_inclusive: bool = False,
-  integer: bool = False,
-) -> None:
-  value = config[field]
-  ok = _is_number(value) and (isinstance(value, int) or not integer)
-  ok = ok and (lower is None or (value >= lower if lower_inclusive else value > lower))
-  ok = ok and (upper is None or (value <= upper if upper_inclusive else value < upper))
-  if not ok:
-    kind = 'an integer' if integer else 'a number'
-    left, right = '[' if lower_inclusive else '(', ']' if upper_inclusive else ')'
-    low = '-inf' if lower is None else f'{lower:g}'
-    high = 'inf' if upper is None else f'{upper:g}'
-    raise _invalid(field, value, f'{kind} in {left}{low}, {high}{right}')
-
-
-def _check_steps(config: ml_collections.ConfigDict, field: str) -> None:
-  value = config[field]
-  if not (isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value > 0)):
-    raise _invalid(field, value, '-1 (derived from the dataset) or a positive integer')
-
-
-def _check_overrides(config: ml_collections.ConfigDict) -> None:
-  for name, overrides in config.optimizers.items():
-    if name not in OPTIMIZERS:
-      raise ValueError(
-        f'config.optimizers may only hold entries for {", ".join(map(repr, OPTIMIZERS))}, '
-        f'got config.optimizers.{name}.'
-      )
-    for field in overrides:
-      if field in ('optimizer', 'optimizers') or field not in config:
-        raise ValueError(
-          f'config.optimizers.{name}.{field} overrides no field of the config; it may '
-          'override the optimizer fields, such as learning_rate or lr_schedule.'
-        )
-
-
-def is_language_model(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.model` is a language model, trained on text in BPTT windows."""
-  return config.model in LANGUAGE_MODELS
-
-
-def _validate_language_model(config: ml_collections.ConfigDict) -> None:
-  _check_choice(config, 'dataset', text_pipeline.TEXT_DATASETS)
-  for field in ('embedding_size', 'hidden_size', 'num_layers', 'bptt', 'eval_batch_size'):
-    _check_number(config, field, lower=1, integer=True)
-  for field in (
-    'output_dropout',
-    'hidden_dropout',
-    'input_dropout',
-    'embedding_dropout',
-    'weight_dropout',
-  ):
-    _check_number(config, field, lower=0, upper=1)
-  for field in (
-    'activation_regularization',
-    'temporal_activation_regularization',
-    'gradient_clip',
-  ):
-    _check_number(config, field, lower=0)
-  if config.eval_batch_size % jax.device_count():
-    raise _invalid(
-      'eval_batch_size',
-      config.eval_batch_size,
-      f'a multiple of the device count {jax.device_count()}',
-    )
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, before anything is compiled, on a configuration that cannot run.
-
-  Checks `config` and every per-optimizer override in `config.optimizers`, as
-  resolved for `config.optimizer`. Needs the devices (the batch size must divide
-  among them), so call it after `jax.distributed.initialize`.
-
-  Raises:
-    ValueError: naming the field, its value and what is allowed.
-  """
-  _check_choice(config, 'optimizer', OPTIMIZERS)
-  _check_overrides(config)
-  config = resolve_config(config)
-  _check_choice(config, 'model', (*models.MODELS, *LANGUAGE_MODELS))
-  if is_language_model(config):
-    _validate_language_model(config)
-  else:
-    _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
-  _check_choice(config, 'parallelism', PARALLELISMS)
-  _check_choice(config, 'cooling', (*COOLING_SCHEDULES, THERMOSTAT))
-  if config.cooling == THERMOSTAT and config.warmup_epochs:
-    raise _invalid('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
-  _check_choice(config, 'lr_schedule', LR_SCHEDULES)
-  for field in ('num_epochs', 'batch_size', 'num_classes', 'image_size'):
-    _check_number(config, field, lower=1, integer=True)
-  if config.batch_size % jax.device_count():
-    raise _invalid(
-      'batch_size', config.batch_size, f'a multiple of the device count {jax.device_count()}'
-    )
-  _check_steps(config, 'steps_per_epoch')
-  _check_steps(config, 'steps_per_eval')
-  _check_number(config, 'seed', integer=True)
-  _check_number(config, 'learning_rate', lower=0, lower_inclusive=False)
-  _check_number(config, 'rho_0', lower=0, upper=1)
-  _check_number(config, 'momentum', lower=0, upper=1)
-  _check_number(config, 'rmsprop_decay', lower=0, upper=1)
-  _check_number(config, 'rmsprop_eps', lower=0, lower_inclusive=False)
-  _check_number(config, 'label_smoothing', lower=0, upper=1)
-  for field in ('warmup_epochs', 'lr_warmup_epochs', 'weight_decay', 'l2_regularization'):
-    _check_number(config, field, lower=0)
-  _check_number(config, 'lr_decay_epochs', lower=0, lower_inclusive=False)
-  _check_number(
-    config, 'lr_decay_rate', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
-  )
-  _check_number(config, 'metropolis_temperature', lower=0, lower_inclusive=False)
-  _check_number(
-    config, 'metropolis_cooling', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
-  )
-  multipliers = config.metropolis_multipliers
-  if not (
-    isinstance(multipliers, (tuple, list))
-    and multipliers
-    and all(_is_number(m) and m > 0 for m in multipliers)
-  ):
-    raise _invalid('metropolis_multipliers', multipliers, 'a non-empty tuple of positive numbers')
-  boundaries, scales = config.lr_boundaries, config.lr_scales
-  if not (
-    isinstance(boundaries, (tuple, list))
-    and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in boundaries)
-    and list(boundaries) == sorted(boundaries)
-  ):
-    raise _invalid('lr_boundaries', boundaries, 'a sorted tuple of whole epochs >= 0')
-  if not (
-    isinstance(scales, (tuple, list))
-    and len(scales) == len(boundaries)
-    and all(_is_number(s) and s > 0 for s in scales)
-  ):
-    raise _invalid(
-      'lr_scales', scales, f'a tuple of {len(boundaries)} positive numbers, one per lr_boundaries'
-    )
-  for field in ('half_precision', 'eval_train'):
-    if not isinstance(config[field], bool):
-      raise _invalid(field, config[field], 'True or False')
-  _check_number(config, 'ema_decay', lower=0, upper=1)
-  _check_number(config, 'batch_norm_group_size', lower=0, integer=True)
-  group, per_device = config.batch_norm_group_size, config.batch_size // jax.device_count()
-  if group and config.batch_size % group:
-    raise _invalid(
-      'batch_norm_group_size', group, f'0 or a divisor of batch_size {config.batch_size}'
-    )
-  if group and config.parallelism == 'pmap' and per_device % group and group % per_device:
-    raise _invalid(
-      'batch_norm_group_size',
-      group,
-      f'under pmap a divisor or a multiple of the {per_device} examples on each device',
-    )
-  _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
-  _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Model, optimizer and train state
+# Model and train state
 
 
 def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = None) -> nn.Module:
   """`config.model`, computing in bfloat16 when `config.half_precision`, with BatchNorm
   statistics over groups of `config.batch_norm_group_size` examples (0: the whole batch)."""
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  if is_language_model(config):
+  if schema.is_language_model(config):
     corpus = text_pipeline.load_corpus(config.dataset, config.get('data_dir'))
     return language_model.AWDLSTM(
       corpus.vocab_size,
@@ -298,164 +102,8 @@ def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = N
     config.num_classes,
     dtype,
     axis_name=axis_name,
-    batch_norm_group_size=config.get('batch_norm_group_size') or None,
+    batch_norm_group_size=config.batch_norm_group_size or None,
   )
-
-
-def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
-  return round(epochs * steps_per_epoch)
-
-
-def create_learning_rate_fn(
-  config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> optax.Schedule:
-  """The learning rate as a function of the optimizer's step, after `config.lr_schedule`.
-
-  'piecewise' counts as Keras' `lr_schedule(epoch)` of cifar10_resnet.py does: the rate
-  is multiplied by `lr_scales[i]` in the epochs whose 0-based index exceeds
-  `lr_boundaries[i]`, i.e. from step `(lr_boundaries[i] + 1) * steps_per_epoch` on.
-  'exponential' is the EfficientNet TPU reference's rate: x `lr_decay_rate` every
-  `lr_decay_epochs` counted from step 0, and during the first `lr_warmup_epochs` a linear
-  ramp from 0 to the base rate in its place (the decay does not restart after it).
-  """
-  base = config.learning_rate
-  if config.lr_schedule == 'piecewise':
-    boundaries_and_scales = {}
-    for epoch, scale in zip(config.lr_boundaries, config.lr_scales, strict=True):
-      step = (epoch + 1) * steps_per_epoch
-      boundaries_and_scales[step] = boundaries_and_scales.get(step, 1.0) * scale
-    return optax.piecewise_constant_schedule(base, boundaries_and_scales)
-  if config.lr_schedule == 'exponential':
-    warmup_steps = _epochs_to_steps(config.lr_warmup_epochs, steps_per_epoch)
-    decay = optax.exponential_decay(
-      base,
-      transition_steps=max(1, _epochs_to_steps(config.lr_decay_epochs, steps_per_epoch)),
-      decay_rate=config.lr_decay_rate,
-      staircase=True,
-    )
-    if warmup_steps == 0:
-      return decay
-
-    def warmup_then_decay(step):
-      step = jnp.asarray(step)
-      warmup = base * step.astype(jnp.float32) / warmup_steps
-      return jnp.where(step < warmup_steps, warmup, decay(step))
-
-    return warmup_then_decay
-  return optax.constant_schedule(base)
-
-
-def create_rho_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule | None:
-  """CoolMomentum's rho as a function of its step; None for the other optimizers and
-  for the thermostat, whose rho is in its state."""
-  if config.optimizer not in COOLMOMENTUM_OPTIMIZERS or config.cooling == THERMOSTAT:
-    return None
-  return COOLING_SCHEDULES[config.cooling](
-    config.rho_0,
-    config.num_epochs * steps_per_epoch,
-    _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
-  )
-
-
-def _base_optimizer(
-  config: ml_collections.ConfigDict,
-  steps_per_epoch: int,
-  learning_rate: optax.Schedule,
-  constant_rho: bool = False,
-  axis_name: str | None = None,
-) -> optax.GradientTransformation:
-  name = config.optimizer
-  if name in COOLMOMENTUM_OPTIMIZERS:
-    # A constant rho (the range test) has no cooling, so no thermostat; the thermostat
-    # averages its measured temperature over the replicas.
-    thermostat = not constant_rho and config.cooling == THERMOSTAT
-    return coolopt.coolmomentum(
-      learning_rate,
-      config.rho_0,
-      None if constant_rho else config.num_epochs * steps_per_epoch,
-      cooling='exponential' if constant_rho else config.cooling,
-      warmup_steps=0 if constant_rho else _epochs_to_steps(config.warmup_epochs, steps_per_epoch),
-      **({'axis_name': axis_name} if thermostat else {}),
-    )
-  if name == 'momentum':
-    return optax.sgd(learning_rate, momentum=config.momentum)
-  if name == 'sgd':
-    return optax.sgd(learning_rate)
-  if name == 'adam':
-    return optax.adam(learning_rate)
-  if name == 'rmsprop':
-    # The TensorFlow RMSProp of the EfficientNet reference: mean square started at 1,
-    # epsilon inside the square root.
-    return optax.rmsprop(
-      learning_rate,
-      decay=config.rmsprop_decay,
-      eps=config.rmsprop_eps,
-      initial_scale=1.0,
-      eps_in_sqrt=True,
-      momentum=config.momentum,
-    )
-  raise ValueError(f'config.optimizer must be one of {OPTIMIZERS}, got {name!r}.')
-
-
-def create_optimizer(
-  config: ml_collections.ConfigDict,
-  steps_per_epoch: int,
-  *,
-  axis_name: str | None = None,
-  learning_rate: optax.Schedule | None = None,
-  constant_rho: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """`config.optimizer`, followed by `coolopt.track_kinetic_temperature()`.
-
-  Weight decay is not part of it: `config.weight_decay` and `config.l2_regularization`
-  are penalties in the loss (see `regularization`), so that the gradients and a
-  Metropolis test see one objective.
-
-  The Metropolis optimizers test every step at a temperature `metropolis_temperature`
-  multiplied by `metropolis_cooling` after every epoch, averaging the losses over
-  `axis_name` under `pmap` so that every replica decides alike: 'sgd_sa' is
-  `coolopt.sgd_sa` with the learning rates `metropolis_multipliers`, and
-  'metropolis_coolmomentum' wraps CoolMomentum in `coolopt.metropolis`.
-
-  Args:
-    config: a resolved config (see `resolve_config`).
-    steps_per_epoch: optimizer steps in an epoch; sets the schedules' lengths.
-    axis_name: the `pmap` axis, or None under `jit` with global arrays.
-    learning_rate: replaces the schedule of `create_learning_rate_fn` (not for 'sgd_sa',
-      whose rates are its multipliers); the learning-rate range test sweeps it.
-    constant_rho: hold CoolMomentum's rho at rho_0, without cooling or momentum warm-up.
-  """
-  if config.optimizer == 'sgd_sa':
-    optimizer = coolopt.sgd_sa(
-      tuple(config.metropolis_multipliers),
-      config.metropolis_temperature,
-      config.metropolis_cooling,
-      steps_per_epoch,
-      key=config.seed,
-      axis_name=axis_name,
-    )
-  else:
-    if learning_rate is None:
-      learning_rate = create_learning_rate_fn(config, steps_per_epoch)
-    optimizer = _base_optimizer(config, steps_per_epoch, learning_rate, constant_rho, axis_name)
-  if config.optimizer == 'metropolis_coolmomentum':
-    temperature = optax.exponential_decay(
-      config.metropolis_temperature,
-      transition_steps=steps_per_epoch,
-      decay_rate=config.metropolis_cooling,
-      staircase=True,
-    )
-    optimizer = coolopt.metropolis(
-      optimizer,
-      temperature,
-      multipliers=tuple(config.metropolis_multipliers),
-      key=config.seed,
-      axis_name=axis_name,
-    )
-  if config.get('gradient_clip', 0.0) > 0:
-    # The language model's recipe: the gradient's global norm clipped first.
-    optimizer = optax.chain(optax.clip_by_global_norm(config.gradient_clip), optimizer)
-  return optax.chain(optimizer, coolopt.track_kinetic_temperature())
 
 
 class TrainState(struct.PyTreeNode):
@@ -535,12 +183,6 @@ def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
   n = jnp.asarray(step, jnp.float32) + 1
   rate = jnp.minimum(decay, (1 + n) / (10 + n))
   return jax.tree.map(lambda a, v: rate * a + (1 - rate) * v, ema, variables)
-
-
-def _find_states(tree: Any, state_type: type) -> list[Any]:
-  """The nodes of type `state_type` in a nested optimizer state (as coolopt finds them)."""
-  found = optax.tree_utils.tree_get_all_with_path(tree, state_type.__name__)
-  return [node for _, node in found if isinstance(node, state_type)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,7 +338,7 @@ def _apply_gradients(
   finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(updates)
 
   def keep_if_finite(new, old):
-    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return optax.tree_utils.tree_where(finite, new, old)
 
   new_state = state.replace(
     step=state.step + 1,
@@ -712,12 +354,12 @@ def _apply_gradients(
     'kinetic_temperature': coolopt.kinetic_temperature(new_state.opt_state),
     'skipped': jnp.logical_not(finite).astype(jnp.float32),
   }
-  thermostat_states = _find_states(new_state.opt_state, coolopt.ThermostatState)
-  if thermostat_states:
-    metrics['target_temperature'] = thermostat_states[0].target_temperature
-  metropolis_states = _find_states(opt_state, coolopt.MetropolisState)
-  if metropolis_states:
-    metrics['accepted'] = (metropolis_states[0].accepted & finite).astype(jnp.float32)
+  thermostat = optax.tree_utils.tree_get(new_state.opt_state, 'ThermostatState')
+  if thermostat is not None:
+    metrics['target_temperature'] = thermostat.target_temperature
+  metropolis = optax.tree_utils.tree_get(opt_state, 'MetropolisState')
+  if metropolis is not None:
+    metrics['accepted'] = (metropolis.accepted & finite).astype(jnp.float32)
   return new_state, metrics
 
 
@@ -814,37 +456,15 @@ def eval_step(
 
 
 # --------------------------------------------------------------------------------------------
-# Data parallelism: pmap or sharded jit
+# The compiled steps
 
 
-@dataclasses.dataclass(frozen=True)
-class Parallel:
-  """The compiled steps, and how state, batches and metrics move to and from devices.
+def create_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> data_parallel.Parallel:
+  """`train_step` and `eval_step` for `model`, compiled for `config.parallelism`.
 
-  Attributes:
-    train_step: `(device state, device batch) -> (device state, metrics)`.
-    eval_step: `(device state, device batch) -> sums`.
-    put_state: host `TrainState` -> device state.
-    get_state: device state -> host `TrainState` (numpy).
-    put_batch: a pipeline batch `[local devices, per device, ...]` -> device batch.
-    get_metrics: device metrics (any pytree) -> numpy.
+  `model` must have the matching BatchNorm axis: `data_parallel.AXIS_NAME` under
+  'pmap', none under 'jit'.
   """
-
-  train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-  eval_step: Callable[[TrainState, Batch], Metrics]
-  put_state: Callable[[TrainState], TrainState]
-  get_state: Callable[[TrainState], TrainState]
-  put_batch: Callable[[Batch], Batch]
-  get_metrics: Callable[[Any], Any]
-
-
-def _replicate(state: TrainState) -> TrainState:
-  # Through a pmap, so that the copies are laid out as the train step's outputs are
-  # and the second step does not compile again.
-  return jax.pmap(lambda x: x, axis_name=AXIS_NAME)(jax_utils.replicate(state))
-
-
-def _pmap_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Parallel:
   step = functools.partial(
     train_step,
     model=model,
@@ -852,68 +472,11 @@ def _pmap_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Paral
     l2_regularization=config.l2_regularization,
     weight_decay=config.weight_decay,
     ema_decay=config.ema_decay,
-    activation_regularization=config.get('activation_regularization', 0.0),
-    temporal_activation_regularization=config.get('temporal_activation_regularization', 0.0),
-    axis_name=AXIS_NAME,
-  )
-  evaluate = functools.partial(eval_step, model=model, axis_name=AXIS_NAME)
-  return Parallel(
-    train_step=jax.pmap(step, axis_name=AXIS_NAME, donate_argnums=(0,)),
-    eval_step=jax.pmap(evaluate, axis_name=AXIS_NAME),
-    put_state=_replicate,
-    get_state=lambda state: jax.device_get(jax_utils.unreplicate(state)),
-    # pmap splits the leading (local device) axis of numpy arrays itself.
-    put_batch=lambda batch: batch,
-    # Every replica holds the same averaged values; read the first.
-    get_metrics=lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(tree)),
-  )
-
-
-def _jit_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Parallel:
-  mesh = Mesh(np.asarray(jax.devices()), (AXIS_NAME,))
-  replicated = NamedSharding(mesh, P())
-  sharded = NamedSharding(mesh, P(AXIS_NAME))
-  step = functools.partial(
-    train_step,
-    model=model,
-    label_smoothing=config.label_smoothing,
-    l2_regularization=config.l2_regularization,
-    weight_decay=config.weight_decay,
-    ema_decay=config.ema_decay,
-    activation_regularization=config.get('activation_regularization', 0.0),
-    temporal_activation_regularization=config.get('temporal_activation_regularization', 0.0),
+    activation_regularization=config.activation_regularization,
+    temporal_activation_regularization=config.temporal_activation_regularization,
   )
   evaluate = functools.partial(eval_step, model=model)
-
-  def put_state(state):
-    return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), state
-    )
-
-  def put_batch(batch):
-    # One global array per field: this process's devices hold its rows.
-    return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharded, x.reshape(-1, *x.shape[2:])),
-      batch,
-    )
-
-  return Parallel(
-    train_step=jax.jit(
-      step, in_shardings=(replicated, sharded), out_shardings=replicated, donate_argnums=(0,)
-    ),
-    eval_step=jax.jit(evaluate, in_shardings=(replicated, sharded), out_shardings=replicated),
-    put_state=put_state,
-    get_state=jax.device_get,
-    put_batch=put_batch,
-    get_metrics=jax.device_get,
-  )
-
-
-def create_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> Parallel:
-  """The steps for `config.parallelism`; `model` must have the matching BatchNorm axis."""
-  if config.parallelism == 'pmap':
-    return _pmap_parallel(config, model)
-  return _jit_parallel(config, model)
+  return data_parallel.compile_steps(config.parallelism, step, evaluate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -928,17 +491,20 @@ def _mean(values: np.ndarray) -> float | None:
 def empty_step_metrics(config: ml_collections.ConfigDict, steps_per_epoch: int) -> StepMetrics:
   """The per-step metrics of an epoch before its first step: NaN, one entry per step."""
   keys = ('loss', 'kinetic_temperature', 'skipped')
-  if not is_language_model(config):
+  if not schema.is_language_model(config):
     keys += ('accuracy',)
-  if config.optimizer in METROPOLIS_OPTIMIZERS:
+  if config.optimizer in optimizers.METROPOLIS_OPTIMIZERS:
     keys += ('accepted',)
-  if config.optimizer in COOLMOMENTUM_OPTIMIZERS and config.cooling == THERMOSTAT:
+  if (
+    config.optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS
+    and config.cooling == optimizers.THERMOSTAT
+  ):
     keys += ('target_temperature',)
   return {key: np.full(steps_per_epoch, np.nan, np.float32) for key in keys}
 
 
 def train_epoch(
-  parallel: Parallel,
+  parallel: data_parallel.Parallel,
   state: TrainState,
   config: ml_collections.ConfigDict,
   *,
@@ -1029,7 +595,7 @@ def throughput(
   config: ml_collections.ConfigDict, steps_per_sec: float | None
 ) -> dict[str, float | None]:
   """`{'images_per_sec': ...}`, or a language model's `{'tokens_per_sec': ...}`."""
-  if is_language_model(config):
+  if schema.is_language_model(config):
     return {'tokens_per_sec': steps_per_sec and steps_per_sec * config.batch_size * config.bptt}
   return {'images_per_sec': steps_per_sec and steps_per_sec * config.batch_size}
 
@@ -1054,7 +620,10 @@ def summarize_steps(
 
 
 def evaluate(
-  parallel: Parallel, state: TrainState, config: ml_collections.ConfigDict, split: str = 'test'
+  parallel: data_parallel.Parallel,
+  state: TrainState,
+  config: ml_collections.ConfigDict,
+  split: str = 'test',
 ) -> dict[str, float]:
   """Mean loss and accuracy in inference mode, with `state.eval_variables()`.
 
@@ -1063,7 +632,7 @@ def evaluate(
   returns the loss per token and the perplexity over `split` ('valid' or 'test') in
   `config.eval_batch_size` streams, the LSTM state carried from window to window.
   """
-  if is_language_model(config):
+  if schema.is_language_model(config):
     return _evaluate_language_model(parallel, state, config, split)
   batches = input_pipeline.create_input_iter(
     config, split, epoch=0, global_batch_size=config.batch_size, evaluation=True
@@ -1075,7 +644,7 @@ def evaluate(
 
 
 def _evaluate_language_model(
-  parallel: Parallel, state: TrainState, config: ml_collections.ConfigDict, split: str
+  parallel: data_parallel.Parallel, state: TrainState, config: ml_collections.ConfigDict, split: str
 ) -> dict[str, float]:
   # Zero states for the evaluation streams, placed on the devices as the train state.
   carry = parallel.put_state(
@@ -1093,13 +662,13 @@ def _evaluate_language_model(
 
 def _pipeline(config: ml_collections.ConfigDict) -> Any:
   """The module that reads `config.dataset`: text_pipeline or input_pipeline."""
-  return text_pipeline if is_language_model(config) else input_pipeline
+  return text_pipeline if schema.is_language_model(config) else input_pipeline
 
 
 def _thermostat_rho(state: TrainState) -> float | None:
   """The rho of the thermostat's last update, if the optimizer has one."""
-  thermostat = _find_states(state.opt_state, coolopt.ThermostatState)
-  return float(thermostat[0].rho) if thermostat else None
+  thermostat = optax.tree_utils.tree_get(state.opt_state, 'ThermostatState')
+  return None if thermostat is None else float(thermostat.rho)
 
 
 def _optimizer_step(state: TrainState) -> int:
@@ -1108,90 +677,12 @@ def _optimizer_step(state: TrainState) -> int:
   Skipped (non-finite) steps leave the optimizer's count behind the training step;
   Metropolis rejections do not (the wrapped optimizer counts every proposal).
   """
-  cool = _find_states(state.opt_state, coolopt.CoolMomentumState)
-  return int(cool[0].count) if cool else int(state.step)
+  cool = optax.tree_utils.tree_get(state.opt_state, 'CoolMomentumState')
+  return int(state.step) if cool is None else int(cool.count)
 
 
 # --------------------------------------------------------------------------------------------
-# Workdir: metrics, curves, checkpoints
-
-
-def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-    options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_max_to_keep, create=True),
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class Position:
-  """Where a run stands: what a checkpoint holds beside the train state.
-
-  Attributes:
-    epoch: epochs completed.
-    step_in_epoch: steps of the next epoch taken.
-    step_metrics: their per-step metrics (see `empty_step_metrics`); at an epoch's end
-      (`step_in_epoch` 0), those of the epoch completed.
-    wall_time: seconds of training so far, across resumptions.
-  """
-
-  epoch: int
-  step_in_epoch: int
-  step_metrics: StepMetrics
-  wall_time: float
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, position: Position) -> None:
-  """Starts saving `state` (on the host) and `position`, named by the run's step."""
-  manager.save(
-    int(state.step),
-    args=ocp.args.StandardSave(
-      {
-        'epoch': np.asarray(position.epoch, np.int32),
-        'step_in_epoch': np.asarray(position.step_in_epoch, np.int32),
-        'step_metrics': position.step_metrics,
-        'wall_time': np.asarray(position.wall_time, np.float64),
-        'state': state,
-      }
-    ),
-  )
-
-
-def restore_checkpoint(
-  manager: ocp.CheckpointManager, state: TrainState, step_metrics: StepMetrics
-) -> tuple[TrainState, Position]:
-  """The last checkpoint's state and position; `state` at the start if there is none.
-
-  Args:
-    manager: the run's checkpoints.
-    state: a fresh train state: the target's structure, and the state if there is none.
-    step_metrics: empty per-step metrics of an epoch (see `empty_step_metrics`).
-  """
-  latest = manager.latest_step()
-  if latest is None:
-    return state, Position(0, 0, step_metrics, 0.0)
-  target = {
-    'epoch': np.zeros([], np.int32),
-    'step_in_epoch': np.zeros([], np.int32),
-    'step_metrics': step_metrics,
-    'wall_time': np.zeros([], np.float64),
-    'state': state,
-  }
-  try:
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
-  except ValueError as error:
-    raise ValueError(
-      f'The checkpoint {latest} in {manager.directory} does not fit this config: it was '
-      'written with another model or optimizer. Use another workdir, or the config the '
-      f'checkpoint was written with. Orbax says: {error}'
-    ) from error
-  position = Position(
-    epoch=int(restored['epoch']),
-    step_in_epoch=int(restored['step_in_epoch']),
-    step_metrics={k: np.asarray(v) for k, v in restored['step_metrics'].items()},
-    wall_time=float(restored['wall_time']),
-  )
-  return restored['state'], position
+# The run
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -1214,34 +705,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ValueError: for an invalid config, or one that would change the trajectory of the
       run stored in `workdir`.
   """
-  validate_config(config)
-  config = resolve_config(config)
-  language = is_language_model(config)
+  schema.validate_config(config)
+  config = schema.resolve_config(config)
+  language = schema.is_language_model(config)
   if language:
     image_shape = ()
     steps_per_epoch = text_pipeline.steps_per_epoch(config)
   else:
     info = input_pipeline.dataset_info(config)
     if info.num_classes != config.num_classes:
-      raise _invalid('num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}')
+      raise schema.invalid_field(
+        'num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}'
+      )
     image_shape = info.image_shape
     steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
   # The stored config says how long an epoch was, so that a changed data set shows too.
   config.steps_per_epoch = steps_per_epoch
   # Before anything is compiled: a resume must not change the trajectory.
   check_config(workdir, config)
-  axis_name = AXIS_NAME if config.parallelism == 'pmap' else None
+  axis_name = data_parallel.AXIS_NAME if config.parallelism == 'pmap' else None
   model = create_model(config, axis_name=axis_name)
-  tx = create_optimizer(config, steps_per_epoch, axis_name=axis_name)
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  rho_fn = create_rho_fn(config, steps_per_epoch)
+  tx, schedules = optimizers.create_optimizer(config, steps_per_epoch, axis_name=axis_name)
 
   is_writer = jax.process_index() == 0
   metrics_path = os.path.join(workdir, METRICS_FILE)
   curves_path = os.path.join(workdir, CURVES_FILE)
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
-  manager = _checkpoint_manager(workdir, config)
+  manager = checkpoints.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
   host_state = create_train_state(
     jax.random.PRNGKey(config.seed),
     model,
@@ -1250,7 +741,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ema=config.ema_decay > 0,
     streams=config.batch_size if language else 0,
   )
-  host_state, position = restore_checkpoint(
+  host_state, position = checkpoints.restore_checkpoint(
     manager, host_state, empty_step_metrics(config, steps_per_epoch)
   )
   # Rows past the checkpoint belong to epochs that will be trained again.
@@ -1271,10 +762,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def wall_time() -> float:
     return position.wall_time + time.perf_counter() - start
 
-  def save(host_state: TrainState, saved: Position) -> None:
+  def save(host_state: TrainState, saved: checkpoints.Position) -> None:
     if is_writer and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
       write_config(workdir, config)
-    save_checkpoint(manager, host_state, saved)
+    checkpoints.save_checkpoint(manager, host_state, saved)
 
   def finish_epoch(epoch: int, host_state: TrainState, summary: dict[str, Any]) -> None:
     if language:
@@ -1304,8 +795,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       'epoch': epoch + 1,
       'step': int(host_state.step),
       **summary,
-      'rho': float(rho_fn(optimizer_step)) if rho_fn else _thermostat_rho(host_state),
-      'learning_rate': float(learning_rate_fn(optimizer_step)),
+      'rho': _thermostat_rho(host_state)
+      if schedules.rho is None
+      else float(schedules.rho(optimizer_step)),
+      'learning_rate': float(schedules.learning_rate(optimizer_step)),
       'wall_time': wall_time(),
     }
     row = {key: finite_or_none(value) for key, value in row.items()}
@@ -1334,7 +827,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     partial = epoch == position.epoch and position.step_in_epoch > 0
 
     def checkpoint(device_state, steps, step_metrics, epoch=epoch):
-      save(parallel.get_state(device_state), Position(epoch, steps, step_metrics, wall_time()))
+      saved = checkpoints.Position(epoch, steps, step_metrics, wall_time())
+      save(parallel.get_state(device_state), saved)
 
     state, summary, step_metrics = train_epoch(
       parallel,
@@ -1349,7 +843,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     host_state = parallel.get_state(state)
     # Saved in the background while the test split is evaluated, with the epoch's
     # per-step metrics, from which its row can be made again.
-    save(host_state, Position(epoch + 1, 0, step_metrics, wall_time()))
+    save(host_state, checkpoints.Position(epoch + 1, 0, step_metrics, wall_time()))
     finish_epoch(epoch, host_state, summary)
   manager.close()
   return host_state

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import coolopt
-from examples import lr_find, train
+from examples import checkpoints, lr_find, optimizers, schema
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def _assert_result(result, *, num_steps, lr_min, lr_max):
 
 def test_command_line_on_digits_writes_json_and_plot_and_no_checkpoint(tmp_path):
   # A training workdir with a checkpoint: the range test leaves it as it is.
-  checkpoint = tmp_path / train.CHECKPOINT_DIR / '3' / 'state'
+  checkpoint = tmp_path / checkpoints.CHECKPOINT_DIR / '3' / 'state'
   checkpoint.parent.mkdir(parents=True)
   checkpoint.write_text('a checkpoint')
   result = subprocess.run(
@@ -113,16 +113,16 @@ def test_synthetic_cifar10_resnet20(tmp_path):
   _assert_result(result, num_steps=6, lr_min=1e-3, lr_max=1e-1)
   # 6 steps: an epoch of 4 batches of the 32 examples, and 2 of the next.
   assert (tmp_path / lr_find.PLOT_FILE).stat().st_size > 0
-  assert not (tmp_path / train.CHECKPOINT_DIR).exists()
+  assert not (tmp_path / checkpoints.CHECKPOINT_DIR).exists()
 
 
 def test_optimizer_sweeps_the_given_rate_with_rho_held_at_rho_0():
   # The ImageNet recipe warms the momentum up for 5 epochs and cools it over 350: the
   # range test holds rho at rho_0 from the first step, and sweeps the given rate.
-  config = train.resolve_config(imagenet_efficientnet_b0.get_config())
+  config = schema.resolve_config(imagenet_efficientnet_b0.get_config())
   config.weight_decay = 0.0
   schedule = coolopt.lr_range_schedule(1e-3, 1.0, num_steps=4)
-  tx = train.create_optimizer(config, 10, learning_rate=schedule, constant_rho=True)
+  tx, _ = optimizers.create_optimizer(config, 10, learning_rate=schedule, constant_rho=True)
   params = {'w': np.zeros(2, np.float32)}
   state = tx.init(params)
   gradient = {'w': np.asarray([1.0, -2.0], np.float32)}
@@ -133,7 +133,7 @@ def test_optimizer_sweeps_the_given_rate_with_rho_held_at_rho_0():
     displacement = rho * displacement - float(schedule(n)) * (1 + rho) / 2 * gradient['w']
     np.testing.assert_allclose(updates['w'], displacement, rtol=1e-5, err_msg=str(n))
   # Without constant_rho the recipe's warm-up holds rho at 0.
-  tx = train.create_optimizer(config, 10, learning_rate=schedule)
+  tx, _ = optimizers.create_optimizer(config, 10, learning_rate=schedule)
   state = tx.init(params)
   for _ in range(2):
     updates, state = tx.update(gradient, state, params)

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from examples import input_pipeline, train
+from examples import checkpoints, input_pipeline, train
 from tests.test_train import REPO_ROOT, _digits, _rows
 
 TIMEOUT = 300  # Seconds for any one subprocess.
@@ -164,7 +164,7 @@ def test_two_processes_train_as_one_and_one_resumes_them(tmp_path, cache_dir):
     # resumed by one process.
     resumed = tmp_path / 'resumed'
     shutil.copytree(shared, resumed)
-    shutil.rmtree(resumed / train.CHECKPOINT_DIR / '8')
+    shutil.rmtree(resumed / checkpoints.CHECKPOINT_DIR / '8')
     _run(
       start,
       _main(str(config), resumed),
@@ -190,12 +190,12 @@ def test_two_processes_train_as_one_and_one_resumes_them(tmp_path, cache_dir):
   # Process 1 wrote no metrics of its own: one file, one row per epoch, and no stray
   # temporary files beside it.
   assert sorted(os.listdir(shared)) == sorted(os.listdir(single))
-  assert (shared / train.CHECKPOINT_DIR / '8').exists()
+  assert (shared / checkpoints.CHECKPOINT_DIR / '8').exists()
 
 
 def _checkpoint_steps(workdir) -> list[int]:
   """The steps of the finished checkpoints in `workdir` (orbax renames them when done)."""
-  directory = workdir / train.CHECKPOINT_DIR
+  directory = workdir / checkpoints.CHECKPOINT_DIR
   if not directory.exists():
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
@@ -203,7 +203,7 @@ def _checkpoint_steps(workdir) -> list[int]:
 
 def _checkpoint(workdir, step: int) -> dict:
   return ocp.StandardCheckpointer().restore(
-    (workdir / train.CHECKPOINT_DIR / str(step) / 'default').absolute()
+    (workdir / checkpoints.CHECKPOINT_DIR / str(step) / 'default').absolute()
   )
 
 

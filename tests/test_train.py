@@ -29,14 +29,22 @@ import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
 
 import coolopt
-from examples import compare, input_pipeline, train, workdir
+from examples import (
+  checkpoints,
+  compare,
+  data_parallel,
+  input_pipeline,
+  optimizers,
+  schema,
+  train,
+  workdir,
+)
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
+from tests.run_rows import TIMING, assert_same_rows, read_rows
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_MOCK_EXAMPLES = 16
 _MOCK_SPLITS = {'cifar10': ('train', 'test'), 'imagenet2012': ('train', 'validation')}
-# Fields that measure time, not training.
-_TIMING = ('images_per_sec', 'wall_time')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -94,10 +102,6 @@ def _digits(**fields) -> ml_collections.ConfigDict:
   return _short(digits.get_config(), **{'steps_per_epoch': 3, **fields})
 
 
-def _rows(workdir) -> list[dict]:
-  return train.read_metrics(os.path.join(workdir, train.METRICS_FILE))
-
-
 def _assert_sane(rows: list[dict], *, num_epochs: int, metropolis: bool, cool: bool) -> None:
   assert [row['epoch'] for row in rows] == list(range(1, num_epochs + 1))
   for row in rows:
@@ -108,7 +112,8 @@ def _assert_sane(rows: list[dict], *, num_epochs: int, metropolis: bool, cool: b
       'test_accuracy',
       'kinetic_temperature',
       'learning_rate',
-      *_TIMING,
+      'images_per_sec',
+      'wall_time',
     ):
       assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
     assert 0.0 <= row['train_accuracy'] <= 1.0
@@ -140,7 +145,7 @@ def test_cifar10_resnet20_metropolis_under_pmap(tmp_path):
   workdir = tmp_path / 'work'
   with _mock_tfds(config.data_dir, 'cifar10'):
     state = train.train_and_evaluate(config, str(workdir))
-  rows = _rows(workdir)
+  rows = read_rows(workdir)
   _assert_sane(rows, num_epochs=1, metropolis=True, cool=True)
   assert rows[0]['step'] == 2 and int(state.step) == 2
   # The recipe logs the loss over the whole training set, as the paper's Fig. 1.
@@ -150,7 +155,7 @@ def test_cifar10_resnet20_metropolis_under_pmap(tmp_path):
   assert rows[-1]['rho'] == 0.0
   assert (workdir / train.CURVES_FILE).exists()
   # Checkpoints are named by the run's step.
-  assert (workdir / train.CHECKPOINT_DIR / '2').exists()
+  assert (workdir / checkpoints.CHECKPOINT_DIR / '2').exists()
 
 
 def test_imagenet_efficientnet_b0_coolmomentum_under_jit(tmp_path):
@@ -174,7 +179,7 @@ def test_imagenet_efficientnet_b0_coolmomentum_under_jit(tmp_path):
   workdir = tmp_path / 'work'
   with _mock_tfds(config.data_dir, 'imagenet2012'):
     state = train.train_and_evaluate(config, str(workdir))
-  rows = _rows(workdir)
+  rows = read_rows(workdir)
   _assert_sane(rows, num_epochs=1, metropolis=False, cool=True)
   # Momentum warm-up: rho stays 0 for the first 5 epochs.
   assert rows[0]['rho'] == 0.0
@@ -195,7 +200,7 @@ def test_digits_reaches_a_sane_accuracy(tmp_path):
   config = digits.get_config()
   config.update(num_epochs=2, parallelism='jit', progress_bar=False)
   train.train_and_evaluate(config, str(tmp_path))
-  rows = _rows(tmp_path)
+  rows = read_rows(tmp_path)
   _assert_sane(rows, num_epochs=2, metropolis=False, cool=True)
   assert rows[-1]['test_accuracy'] >= 0.9
   assert rows[-1]['train_loss'] < rows[0]['train_loss']
@@ -207,10 +212,10 @@ def test_pmap_and_jit_train_alike(tmp_path):
   # Cross-replica BatchNorm statistics under pmap are the global batch's under jit,
   # and the Metropolis test sees the same averaged losses.
   states = {}
-  for parallelism in train.PARALLELISMS:
+  for parallelism in data_parallel.PARALLELISMS:
     config = _digits(parallelism=parallelism, optimizer='metropolis_coolmomentum')
     states[parallelism] = train.train_and_evaluate(config, str(tmp_path / parallelism))
-  pmap_rows, jit_rows = _rows(tmp_path / 'pmap'), _rows(tmp_path / 'jit')
+  pmap_rows, jit_rows = read_rows(tmp_path / 'pmap'), read_rows(tmp_path / 'jit')
   _assert_sane(pmap_rows, num_epochs=1, metropolis=True, cool=True)
   assert pmap_rows[-1]['rho'] == jit_rows[-1]['rho'] == 0.0
   for key in ('train_loss', 'test_loss', 'kinetic_temperature', 'acceptance_rate'):
@@ -230,10 +235,10 @@ def _pmap_steps(config: ml_collections.ConfigDict, batches: list[dict]):
     The device state after the last step, the host state after each step and the
     metrics of each step.
   """
-  config = train.resolve_config(config)
+  config = schema.resolve_config(config)
   config.parallelism = 'pmap'
-  model = train.create_model(config, axis_name=train.AXIS_NAME)
-  tx = train.create_optimizer(config, steps_per_epoch=10, axis_name=train.AXIS_NAME)
+  model = train.create_model(config, axis_name=data_parallel.AXIS_NAME)
+  tx, _ = optimizers.create_optimizer(config, steps_per_epoch=10, axis_name=data_parallel.AXIS_NAME)
   parallel = train.create_parallel(config, model)
   state = parallel.put_state(train.create_train_state(jax.random.PRNGKey(0), model, (8, 8, 1), tx))
   host_states, metrics = [], []
@@ -282,7 +287,7 @@ def test_non_finite_steps_are_counted(tmp_path):
   config = _digits(optimizer='momentum', steps_per_epoch=10)
   config.optimizers.momentum.learning_rate = 1e30
   state = train.train_and_evaluate(config, str(tmp_path))
-  (row,) = _rows(tmp_path)
+  (row,) = read_rows(tmp_path)
   assert row['skipped_steps'] > 0
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
 
@@ -294,38 +299,33 @@ def test_resume_logs_each_epoch_once_and_continues_exactly(tmp_path):
   resumed, straight = tmp_path / 'resumed', tmp_path / 'straight'
   config = functools.partial(_digits, optimizer='sgd_sa', num_epochs=3)
   train.train_and_evaluate(config(), str(resumed))
-  shutil.rmtree(resumed / train.CHECKPOINT_DIR / '9')
-  rows = _rows(resumed)
+  shutil.rmtree(resumed / checkpoints.CHECKPOINT_DIR / '9')
+  rows = read_rows(resumed)
   # A row past the last checkpoint, as a crash could leave it, is dropped on resume.
   rows[2]['train_loss'] = -1.0
   workdir.write_metrics(str(resumed / train.METRICS_FILE), rows)
   resumed_state = train.train_and_evaluate(config(), str(resumed))
   straight_state = train.train_and_evaluate(config(), str(straight))
 
-  resumed_rows, straight_rows = _rows(resumed), _rows(straight)
+  resumed_rows, straight_rows = read_rows(resumed), read_rows(straight)
   _assert_sane(resumed_rows, num_epochs=3, metropolis=True, cool=False)
-  for resumed_row, straight_row in zip(resumed_rows, straight_rows, strict=True):
-    for key in straight_row.keys() - set(_TIMING):
-      if straight_row[key] is None:
-        assert resumed_row[key] is None, key
-      else:
-        np.testing.assert_allclose(resumed_row[key], straight_row[key], rtol=1e-6, err_msg=key)
+  assert_same_rows(resumed_rows, straight_rows)
   jax.tree.map(np.testing.assert_array_equal, resumed_state.params, straight_state.params)
   jax.tree.map(np.testing.assert_array_equal, resumed_state.rng, straight_state.rng)
 
   # Nothing left to train: the checkpoint is returned and the rows stay.
   again = train.train_and_evaluate(config(), str(resumed))
   assert int(again.step) == int(resumed_state.step)
-  assert [row['epoch'] for row in _rows(resumed)] == [1, 2, 3]
+  assert [row['epoch'] for row in read_rows(resumed)] == [1, 2, 3]
 
   # Stopped between the checkpoint at the end of epoch 3 and its row: the row is made
   # again from the checkpoint, as it was.
   workdir.write_metrics(str(resumed / train.METRICS_FILE), resumed_rows[:2])
   train.train_and_evaluate(config(), str(resumed))
-  remade = _rows(resumed)
+  remade = read_rows(resumed)
   assert [row['epoch'] for row in remade] == [1, 2, 3]
-  assert {k: v for k, v in remade[2].items() if k not in _TIMING} == {
-    k: v for k, v in resumed_rows[2].items() if k not in _TIMING
+  assert {k: v for k, v in remade[2].items() if k not in TIMING} == {
+    k: v for k, v in resumed_rows[2].items() if k not in TIMING
   }
 
   # Without its stored config, a checkpoint of another optimizer still fails, and says why.
@@ -422,9 +422,9 @@ def test_eval_uses_the_moving_averages_and_logs_the_training_set_loss(tmp_path, 
 
   monkeypatch.setattr(train, 'create_parallel', slow_first_step)
   state = train.train_and_evaluate(config, str(tmp_path))
-  (row,) = _rows(tmp_path)
+  (row,) = read_rows(tmp_path)
   assert row['images_per_sec'] > 2 * 32 / 2.0
-  resolved = train.resolve_config(config)
+  resolved = schema.resolve_config(config)
   test_loss, test_accuracy = _inference_loss(resolved, state.ema, 'test')
   np.testing.assert_allclose(row['test_loss'], test_loss, rtol=1e-5)
   np.testing.assert_allclose(row['test_accuracy'], test_accuracy)
@@ -468,7 +468,7 @@ def test_metropolis_judges_the_objective_the_optimizer_descends():
     lambda params: _Seen(jnp.zeros([]), jnp.zeros([])), update
   )
   tx = optax.chain(recorder, coolopt.track_kinetic_temperature())
-  config = train.resolve_config(_digits())
+  config = schema.resolve_config(_digits())
   model = train.create_model(config)
   state = train.create_train_state(jax.random.PRNGKey(0), model, (8, 8, 1), tx)
   batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), _random_batch(0))
@@ -502,9 +502,9 @@ def test_metropolis_judges_the_objective_the_optimizer_descends():
 @pytest.mark.parametrize('module', [digits, cifar10_resnet20, imagenet_efficientnet_b0])
 def test_recipes_are_valid_for_every_optimizer(module):
   config = module.get_config()
-  for name in train.OPTIMIZERS:
+  for name in optimizers.OPTIMIZERS:
     config.optimizer = name
-    train.validate_config(config)
+    schema.validate_config(config)
 
 
 def _bad(field, value, **extra):
@@ -535,7 +535,7 @@ def _bad(field, value, **extra):
 )
 def test_bad_config_fails_at_once(config, message, tmp_path):
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    schema.validate_config(config)
   # train_and_evaluate checks first: nothing is compiled and the workdir stays empty.
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / 'work'))
@@ -546,24 +546,24 @@ def test_bad_optimizer_overrides_fail_at_once():
   config = digits.get_config()
   config.optimizers.adam = ml_collections.ConfigDict({'lr': 1e-3})
   with pytest.raises(ValueError, match=r'config.optimizers.adam.lr overrides no field'):
-    train.validate_config(config)
+    schema.validate_config(config)
   config = digits.get_config()
   config.optimizers.lion = ml_collections.ConfigDict({'learning_rate': 1e-3})
   with pytest.raises(ValueError, match=r'config.optimizers may only hold .*config.optimizers.lion'):
-    train.validate_config(config)
+    schema.validate_config(config)
   # Overrides are checked for the optimizer they apply to.
   config = digits.get_config()
   config.optimizer = 'adam'
   config.optimizers.adam.learning_rate = -1.0
   with pytest.raises(ValueError, match=r'config.learning_rate must be .*=-1.0'):
-    train.validate_config(config)
+    schema.validate_config(config)
 
 
 def test_cifar10_baseline_schedule():
   config = cifar10_resnet20.get_config()
   config.optimizer = 'momentum'
-  config = train.resolve_config(config)
-  learning_rate = train.create_learning_rate_fn(config, steps_per_epoch=10)
+  config = schema.resolve_config(config)
+  learning_rate = optimizers.create_learning_rate_fn(config, steps_per_epoch=10)
   # Keras' lr_schedule(epoch) with a 0-based epoch: 1e-3 once epoch > 80, i.e. from the
   # 82nd epoch (step 810 at 10 steps an epoch) on.
   expected = {
@@ -586,7 +586,7 @@ def test_imagenet_rmsprop_schedule_and_momentum_warmup():
   config = imagenet_efficientnet_b0.get_config()
   config.batch_size = 4096  # The rate follows the batch size: 0.016 per 256 images.
   config.optimizer = 'rmsprop'
-  learning_rate = train.create_learning_rate_fn(train.resolve_config(config), 100)
+  learning_rate = optimizers.create_learning_rate_fn(schema.resolve_config(config), 100)
   peak = 0.016 * 4096 / 256
   # The TPU reference: a ramp over 500 steps in place of a decay x0.97 every 240 steps
   # counted from step 0, so the ramp ends at peak * 0.97**2.
@@ -601,10 +601,10 @@ def test_imagenet_rmsprop_schedule_and_momentum_warmup():
   }
   for step, value in expected.items():
     np.testing.assert_allclose(learning_rate(step), value, rtol=1e-5, atol=1e-9, err_msg=str(step))
-  assert train.create_rho_fn(train.resolve_config(config), 100) is None
+  assert optimizers.create_optimizer(schema.resolve_config(config), 100)[1].rho is None
 
   config.optimizer = 'coolmomentum'
-  rho = train.create_rho_fn(train.resolve_config(config), steps_per_epoch=100)
+  _, (_, rho) = optimizers.create_optimizer(schema.resolve_config(config), steps_per_epoch=100)
   assert float(rho(499)) == 0.0
   np.testing.assert_allclose(rho(500), 1 - 0.01 ** (1 - 500 / 35000), rtol=1e-5)
 
@@ -613,10 +613,10 @@ def test_rmsprop_is_tensorflow_rmsprop():
   # Mean square started at 1 and epsilon inside the square root, as TF's RMSProp.
   config = imagenet_efficientnet_b0.get_config()
   config.optimizer = 'rmsprop'
-  config = train.resolve_config(config)
+  config = schema.resolve_config(config)
   config.lr_schedule = 'constant'
   config.weight_decay = 0.0
-  tx = train.create_optimizer(config, steps_per_epoch=10)
+  tx, _ = optimizers.create_optimizer(config, steps_per_epoch=10)
   params = {'w': np.ones(3, np.float32)}
   grads = {'w': np.asarray([0.5, -1.0, 2.0], np.float32)}
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -638,7 +638,7 @@ def test_compare_writes_table_json_and_png(tmp_path):
   for name, result in results.items():
     assert set(result) == {'final_train_loss', 'test_accuracy', 'best_test_accuracy', 'seconds'}
     # The logged training time: a finished run compared again reports it, not ~0 s.
-    assert result['seconds'] == _rows(tmp_path / name)[-1]['wall_time'] > 0
+    assert result['seconds'] == read_rows(tmp_path / name)[-1]['wall_time'] > 0
     assert 0.0 <= result['test_accuracy'] <= result['best_test_accuracy'] <= 1.0
   table = (tmp_path / 'comparison.md').read_text()
   assert '| coolmomentum |' in table and '| adam |' in table
@@ -667,7 +667,7 @@ def test_main_takes_config_overrides(tmp_path, _compilation_cache):
     timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  (row,) = _rows(tmp_path)
+  (row,) = read_rows(tmp_path)
   assert row['epoch'] == 1 and row['step'] == 3
   # The adam recipe of config.optimizers applies.
   assert row['learning_rate'] == pytest.approx(1e-3)
@@ -680,7 +680,7 @@ def test_main_takes_config_overrides(tmp_path, _compilation_cache):
 def test_thermostat_logs_its_target_and_rho_under_pmap(tmp_path):
   config = _digits(cooling='thermostat', num_epochs=2)
   train.train_and_evaluate(config, str(tmp_path))
-  rows = _rows(tmp_path)
+  rows = read_rows(tmp_path)
   _assert_sane(rows, num_epochs=2, metropolis=False, cool=True)
   for row in rows:
     assert isinstance(row['target_temperature'], float) and row['target_temperature'] > 0.0
@@ -692,4 +692,4 @@ def test_thermostat_logs_its_target_and_rho_under_pmap(tmp_path):
 def test_thermostat_refuses_a_momentum_warmup(tmp_path):
   config = _bad('cooling', 'thermostat', warmup_epochs=1.0)
   with pytest.raises(ValueError, match=r'config.warmup_epochs must be 0 with config.cooling='):
-    train.validate_config(config)
+    schema.validate_config(config)

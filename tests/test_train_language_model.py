@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from examples import compare, text_pipeline, train, workdir
+from examples import checkpoints, compare, schema, text_pipeline, train, workdir
 from examples.configs import lstm_lm
+from tests.run_rows import assert_same_rows, read_rows
 
 LM_ROW_KEYS = {
   'train_loss',
@@ -26,7 +27,6 @@ LM_ROW_KEYS = {
   'learning_rate',
   'tokens_per_sec',
 }
-_TIMING = ('tokens_per_sec', 'wall_time')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -66,20 +66,6 @@ def _tiny(**fields) -> ml_collections.ConfigDict:
   return config
 
 
-def _rows(directory) -> list[dict]:
-  return workdir.read_metrics(os.path.join(directory, workdir.METRICS_FILE))
-
-
-def _assert_same_rows(rows, expected):
-  assert len(rows) == len(expected)
-  for row, expected_row in zip(rows, expected, strict=True):
-    for key in expected_row.keys() - set(_TIMING):
-      if expected_row[key] is None:
-        assert row[key] is None, key
-      else:
-        np.testing.assert_allclose(row[key], expected_row[key], rtol=1e-6, err_msg=key)
-
-
 def _recipe(**fields) -> ml_collections.ConfigDict:
   # Batches of 8 streams: the tests' 8 devices divide neither 20 nor 10.
   config = lstm_lm.get_config()
@@ -88,22 +74,22 @@ def _recipe(**fields) -> ml_collections.ConfigDict:
 
 
 def test_recipe_is_the_authors_command():
-  config = train.resolve_config(lstm_lm.get_config())
+  config = schema.resolve_config(lstm_lm.get_config())
   assert (config.batch_size, config.num_epochs, config.seed) == (20, 500, 141)
   assert (config.input_dropout, config.hidden_dropout) == (0.4, 0.25)
   assert (config.embedding_size, config.hidden_size, config.num_layers) == (400, 1150, 3)
   assert (config.learning_rate, config.rho_0, config.weight_decay) == (0.1, 0.99, 1.2e-6)
   assert config.gradient_clip == 0.25
   for optimizer in ('coolmomentum', 'sgd'):
-    train.validate_config(_recipe(optimizer=optimizer))
-  assert train.resolve_config(_recipe(optimizer='sgd')).learning_rate == 30.0
-  train.validate_config(_recipe(dataset='ptb'))
+    schema.validate_config(_recipe(optimizer=optimizer))
+  assert schema.resolve_config(_recipe(optimizer='sgd')).learning_rate == 30.0
+  schema.validate_config(_recipe(dataset='ptb'))
   with pytest.raises(ValueError, match=r"config\.dataset must be one of 'python_docs', 'ptb'"):
-    train.validate_config(_recipe(dataset='cifar10'))
+    schema.validate_config(_recipe(dataset='cifar10'))
   with pytest.raises(ValueError, match=r'config\.weight_dropout must be a number in \[0, 1\)'):
-    train.validate_config(_recipe(weight_dropout=1.0))
+    schema.validate_config(_recipe(weight_dropout=1.0))
   with pytest.raises(ValueError, match=r'config\.eval_batch_size must be a multiple of the device'):
-    train.validate_config(_recipe(eval_batch_size=10))
+    schema.validate_config(_recipe(eval_batch_size=10))
 
 
 def test_trains_and_resumes_exactly_inside_an_epoch(tmp_path):
@@ -113,12 +99,12 @@ def test_trains_and_resumes_exactly_inside_an_epoch(tmp_path):
   resumed, straight = tmp_path / 'resumed', tmp_path / 'straight'
   config = _tiny(optimizer='sgd', checkpoint_every_steps=2)
   train.train_and_evaluate(config, str(resumed))
-  shutil.rmtree(resumed / train.CHECKPOINT_DIR / '8')
-  assert os.path.isdir(resumed / train.CHECKPOINT_DIR / '6')
+  shutil.rmtree(resumed / checkpoints.CHECKPOINT_DIR / '8')
+  assert os.path.isdir(resumed / checkpoints.CHECKPOINT_DIR / '6')
   resumed_state = train.train_and_evaluate(config, str(resumed))
   straight_state = train.train_and_evaluate(config, str(straight))
 
-  rows = _rows(straight)
+  rows = read_rows(straight)
   assert [row['epoch'] for row in rows] == [1, 2]
   vocab_size = text_pipeline.load_corpus('python_docs').vocab_size
   for row in rows:
@@ -128,7 +114,7 @@ def test_trains_and_resumes_exactly_inside_an_epoch(tmp_path):
     np.testing.assert_allclose(row['valid_perplexity'], math.exp(row['valid_loss']), rtol=1e-9)
   # SGD at lr 30 learns from the first windows: below a uniform guess, and lower again.
   assert rows[1]['valid_perplexity'] < rows[0]['valid_perplexity'] < vocab_size
-  _assert_same_rows(_rows(resumed), rows)
+  assert_same_rows(read_rows(resumed), rows)
   jax.tree.map(np.testing.assert_array_equal, resumed_state.params, straight_state.params)
   jax.tree.map(np.testing.assert_array_equal, resumed_state.carry, straight_state.carry)
   assert resumed_state.carry[0][0].shape == (8, 16)
@@ -156,7 +142,7 @@ def test_pmap_and_jit_train_alike(tmp_path):
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)  # noqa: E731
   jax.tree.map(close, pmap.params, jit.params)
   jax.tree.map(close, pmap.carry, jit.carry)
-  (pmap_row,), (jit_row,) = _rows(tmp_path / 'pmap'), _rows(tmp_path / 'jit')
+  (pmap_row,), (jit_row,) = read_rows(tmp_path / 'pmap'), read_rows(tmp_path / 'jit')
   for key in ('train_loss', 'valid_perplexity', 'test_perplexity', 'kinetic_temperature'):
     np.testing.assert_allclose(pmap_row[key], jit_row[key], rtol=2e-4, err_msg=key)
 
@@ -172,5 +158,5 @@ def test_compare_reports_perplexities(tmp_path):
   table = (tmp_path / 'comparison.md').read_text()
   assert 'best valid perplexity' in table and '| sgd |' in table
   assert (tmp_path / 'comparison.png').exists()
-  rows = _rows(tmp_path / 'coolmomentum')
+  rows = read_rows(tmp_path / 'coolmomentum')
   assert rows[0]['rho'] is not None and rows[0]['learning_rate'] == 0.1

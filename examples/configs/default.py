@@ -1,4 +1,6 @@
-"""Fields shared by every trainer config, with neutral defaults.
+"""Every field of a trainer config, with its default: the config schema.
+
+`examples/schema.py` checks them (`validate_config`) before a run builds anything.
 
 The recipe configs (`digits.py`, `cifar10_resnet20.py`, `imagenet_efficientnet_b0.py`)
 start from `get_config()` here and set what their recipe needs. Top-level optimizer
@@ -9,8 +11,7 @@ whenever `<name>` is the optimizer trained (by `--config.optimizer=<name>` or by
 
 import ml_collections
 
-# The step multipliers of SGD-SA (Fischetti & Stringher): its learning-rate set H.
-SGD_SA_MULTIPLIERS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05)
+import coolopt
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -63,6 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   # Keras-style l2_regularization * sum(w**2) of every convolution kernel, in the loss.
   config.l2_regularization = 0.0
+  # Clip the gradient's global norm to this before the optimizer; 0: no clipping.
+  config.gradient_clip = 0.0
   # Metropolis optimizers: temperature T_0, multiplied by metropolis_cooling after
   # every epoch, and the set of step multipliers drawn uniformly.
   config.metropolis_temperature = 1.0
@@ -72,8 +75,32 @@ def get_config() -> ml_collections.ConfigDict:
   # rate is drawn from H at every step, so its base rate is 1.
   config.optimizers = ml_collections.ConfigDict()
   config.optimizers.sgd_sa = ml_collections.ConfigDict(
-    {'learning_rate': 1.0, 'lr_schedule': 'constant', 'metropolis_multipliers': SGD_SA_MULTIPLIERS}
+    {
+      'learning_rate': 1.0,
+      'lr_schedule': 'constant',
+      # Its learning-rate set H (Fischetti & Stringher).
+      'metropolis_multipliers': coolopt.SGD_SA_LEARNING_RATES,
+    }
   )
+
+  # Language models (model 'awd_lstm'; examples/language_model.py), with the defaults of
+  # the AWD-LSTM reference's main.py: embedding and hidden sizes, LSTM layers, the
+  # dropouts (output, between layers, input, embedding, DropConnect of the hidden-to-
+  # hidden weights), truncated back-propagation through windows of bptt tokens, the
+  # streams of validation and test, and the activation (AR, alpha) and temporal
+  # activation (TAR, beta) regularisation of the last layer's output.
+  config.embedding_size = 400
+  config.hidden_size = 1150
+  config.num_layers = 3
+  config.output_dropout = 0.4
+  config.hidden_dropout = 0.3
+  config.input_dropout = 0.65
+  config.embedding_dropout = 0.1
+  config.weight_dropout = 0.5
+  config.bptt = 70
+  config.eval_batch_size = 10
+  config.activation_regularization = 2.0
+  config.temporal_activation_regularization = 1.0
 
   # BatchNorm statistics over groups of this many examples of the global batch; 0: the
   # whole batch.

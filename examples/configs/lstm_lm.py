@@ -25,24 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 500
   config.seed = 141
 
-  # The reference's model (main.py's defaults, with the command's dropouti and dropouth).
-  config.embedding_size = 400
-  config.hidden_size = 1150
-  config.num_layers = 3
-  config.output_dropout = 0.4
-  config.hidden_dropout = 0.25
+  # The reference's model: main.py's defaults (those of default.py) with the command's
+  # dropouti and dropouth. AR and TAR are main.py's defaults too.
   config.input_dropout = 0.4
-  config.embedding_dropout = 0.1
-  config.weight_dropout = 0.5
-  # Truncated back-propagation through time: windows of bptt tokens, the LSTM state carried
-  # from one to the next and reset at every epoch. Validation and test run in
-  # eval_batch_size streams.
-  config.bptt = 70
-  config.eval_batch_size = 10
-  # Activation regularisation (AR, alpha) and temporal activation regularisation (TAR,
-  # beta) of the last layer's output, and the clipping of the gradient's global norm.
-  config.activation_regularization = 2.0
-  config.temporal_activation_regularization = 1.0
+  config.hidden_dropout = 0.25
+  # Its clipping of the gradient's global norm.
   config.gradient_clip = 0.25
   # The reference's weight decay, on every parameter.
   config.weight_decay = 1.2e-6

@@ -1,0 +1,215 @@
+"""The trainer's config schema, checked: what `examples/configs/default.py` declares.
+
+Every field a run reads is declared, with its default and meaning, in
+`examples/configs/default.py`; the recipe configs set some of them. This module checks
+a config before anything is built (`validate_config`), so that a bad field fails with
+its name, its value and what is allowed, and applies the per-optimizer overrides
+(`resolve_config`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import ml_collections
+
+from examples import data_parallel, input_pipeline, models, optimizers, text_pipeline
+
+# Models that read text in BPTT windows (examples/language_model.py) rather than images.
+LANGUAGE_MODELS = ('awd_lstm',)
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with references resolved and `config.optimizers[optimizer]` applied."""
+  config = config.copy_and_resolve_references()
+  overrides = config.optimizers.get(config.optimizer)
+  if overrides is not None:
+    for field, value in overrides.items():
+      config[field] = value
+  return config
+
+
+def invalid_field(field: str, value: Any, expected: str) -> ValueError:
+  """The error for `config.<field>` holding `value` where `expected` was."""
+  return ValueError(f'config.{field} must be {expected}, got config.{field}={value!r}.')
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, choices: Iterable[str]) -> None:
+  choices = tuple(choices)
+  if config[field] not in choices:
+    raise invalid_field(field, config[field], 'one of ' + ', '.join(map(repr, choices)))
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(
+  config: ml_collections.ConfigDict,
+  field: str,
+  *,
+  lower: float | None = None,
+  upper: float | None = None,
+  lower_inclusive: bool = True,
+  upper_inclusive: bool = False,
+  integer: bool = False,
+) -> None:
+  value = config[field]
+  ok = _is_number(value) and (isinstance(value, int) or not integer)
+  ok = ok and (lower is None or (value >= lower if lower_inclusive else value > lower))
+  ok = ok and (upper is None or (value <= upper if upper_inclusive else value < upper))
+  if not ok:
+    kind = 'an integer' if integer else 'a number'
+    left, right = '[' if lower_inclusive else '(', ']' if upper_inclusive else ')'
+    low = '-inf' if lower is None else f'{lower:g}'
+    high = 'inf' if upper is None else f'{upper:g}'
+    raise invalid_field(field, value, f'{kind} in {left}{low}, {high}{right}')
+
+
+def _check_steps(config: ml_collections.ConfigDict, field: str) -> None:
+  value = config[field]
+  if not (isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value > 0)):
+    raise invalid_field(field, value, '-1 (derived from the dataset) or a positive integer')
+
+
+def _check_overrides(config: ml_collections.ConfigDict) -> None:
+  for name, overrides in config.optimizers.items():
+    if name not in optimizers.OPTIMIZERS:
+      names = ', '.join(map(repr, optimizers.OPTIMIZERS))
+      raise ValueError(
+        f'config.optimizers may only hold entries for {names}, got config.optimizers.{name}.'
+      )
+    for field in overrides:
+      if field in ('optimizer', 'optimizers') or field not in config:
+        raise ValueError(
+          f'config.optimizers.{name}.{field} overrides no field of the config; it may '
+          'override the optimizer fields, such as learning_rate or lr_schedule.'
+        )
+
+
+def is_language_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.model` is a language model, trained on text in BPTT windows."""
+  return config.model in LANGUAGE_MODELS
+
+
+def _validate_language_model(config: ml_collections.ConfigDict) -> None:
+  _check_choice(config, 'dataset', text_pipeline.TEXT_DATASETS)
+  for field in ('embedding_size', 'hidden_size', 'num_layers', 'bptt', 'eval_batch_size'):
+    _check_number(config, field, lower=1, integer=True)
+  for field in (
+    'output_dropout',
+    'hidden_dropout',
+    'input_dropout',
+    'embedding_dropout',
+    'weight_dropout',
+  ):
+    _check_number(config, field, lower=0, upper=1)
+  for field in ('activation_regularization', 'temporal_activation_regularization'):
+    _check_number(config, field, lower=0)
+  if config.eval_batch_size % jax.device_count():
+    raise invalid_field(
+      'eval_batch_size',
+      config.eval_batch_size,
+      f'a multiple of the device count {jax.device_count()}',
+    )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before anything is compiled, on a configuration that cannot run.
+
+  Checks `config` and every per-optimizer override in `config.optimizers`, as
+  resolved for `config.optimizer`. Needs the devices (the batch size must divide
+  among them), so call it after `jax.distributed.initialize`.
+
+  Raises:
+    ValueError: naming the field, its value and what is allowed.
+  """
+  _check_choice(config, 'optimizer', optimizers.OPTIMIZERS)
+  _check_overrides(config)
+  config = resolve_config(config)
+  _check_choice(config, 'model', (*models.MODELS, *LANGUAGE_MODELS))
+  if is_language_model(config):
+    _validate_language_model(config)
+  else:
+    _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
+  _check_choice(config, 'parallelism', data_parallel.PARALLELISMS)
+  _check_choice(config, 'cooling', optimizers.COOLINGS)
+  if config.cooling == optimizers.THERMOSTAT and config.warmup_epochs:
+    raise invalid_field('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
+  _check_choice(config, 'lr_schedule', optimizers.LR_SCHEDULES)
+  for field in ('num_epochs', 'batch_size', 'num_classes', 'image_size'):
+    _check_number(config, field, lower=1, integer=True)
+  if config.batch_size % jax.device_count():
+    raise invalid_field(
+      'batch_size', config.batch_size, f'a multiple of the device count {jax.device_count()}'
+    )
+  _check_steps(config, 'steps_per_epoch')
+  _check_steps(config, 'steps_per_eval')
+  _check_number(config, 'seed', integer=True)
+  _check_number(config, 'learning_rate', lower=0, lower_inclusive=False)
+  _check_number(config, 'rho_0', lower=0, upper=1)
+  _check_number(config, 'momentum', lower=0, upper=1)
+  _check_number(config, 'rmsprop_decay', lower=0, upper=1)
+  _check_number(config, 'rmsprop_eps', lower=0, lower_inclusive=False)
+  _check_number(config, 'label_smoothing', lower=0, upper=1)
+  for field in (
+    'warmup_epochs',
+    'lr_warmup_epochs',
+    'weight_decay',
+    'l2_regularization',
+    'gradient_clip',
+  ):
+    _check_number(config, field, lower=0)
+  _check_number(config, 'lr_decay_epochs', lower=0, lower_inclusive=False)
+  _check_number(
+    config, 'lr_decay_rate', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
+  )
+  _check_number(config, 'metropolis_temperature', lower=0, lower_inclusive=False)
+  _check_number(
+    config, 'metropolis_cooling', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
+  )
+  multipliers = config.metropolis_multipliers
+  if not (
+    isinstance(multipliers, (tuple, list))
+    and multipliers
+    and all(_is_number(m) and m > 0 for m in multipliers)
+  ):
+    raise invalid_field(
+      'metropolis_multipliers', multipliers, 'a non-empty tuple of positive numbers'
+    )
+  boundaries, scales = config.lr_boundaries, config.lr_scales
+  if not (
+    isinstance(boundaries, (tuple, list))
+    and all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in boundaries)
+    and list(boundaries) == sorted(boundaries)
+  ):
+    raise invalid_field('lr_boundaries', boundaries, 'a sorted tuple of whole epochs >= 0')
+  if not (
+    isinstance(scales, (tuple, list))
+    and len(scales) == len(boundaries)
+    and all(_is_number(s) and s > 0 for s in scales)
+  ):
+    raise invalid_field(
+      'lr_scales', scales, f'a tuple of {len(boundaries)} positive numbers, one per lr_boundaries'
+    )
+  for field in ('half_precision', 'eval_train', 'progress_bar'):
+    if not isinstance(config[field], bool):
+      raise invalid_field(field, config[field], 'True or False')
+  _check_number(config, 'ema_decay', lower=0, upper=1)
+  _check_number(config, 'batch_norm_group_size', lower=0, integer=True)
+  group, per_device = config.batch_norm_group_size, config.batch_size // jax.device_count()
+  if group and config.batch_size % group:
+    raise invalid_field(
+      'batch_norm_group_size', group, f'0 or a divisor of batch_size {config.batch_size}'
+    )
+  if group and config.parallelism == 'pmap' and per_device % group and group % per_device:
+    raise invalid_field(
+      'batch_norm_group_size',
+      group,
+      f'under pmap a divisor or a multiple of the {per_device} examples on each device',
+    )
+  _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
+  _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
