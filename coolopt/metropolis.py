@@ -16,8 +16,10 @@ from coolopt import _checks
 from coolopt.coolmomentum import CoolMomentumState
 from coolopt.diagnostics import KineticTemperatureState
 
-__all__ = ['MetropolisState', 'acceptance_rate', 'metropolis', 'sgd_sa']
+__all__ = ['SGD_SA_LEARNING_RATES', 'MetropolisState', 'acceptance_rate', 'metropolis', 'sgd_sa']
 
+#: SGD-SA's learning-rate set H (Fischetti & Stringher): the rates from which
+#: :func:`sgd_sa` draws one at every step, its default.
 SGD_SA_LEARNING_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.09, 0.08, 0.07, 0.06, 0.05)
 
 
