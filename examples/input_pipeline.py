@@ -167,6 +167,18 @@ class DatasetSpec:
   arrays: Callable[[DatasetOptions], Arrays] | None = None
   num_classes: Callable[[DatasetOptions], int] | None = None
 
+  def __post_init__(self):
+    if (self.tfds_splits is None) == (self.arrays is None):
+      raise ValueError(
+        'A DatasetSpec reads from TFDS or from arrays: exactly one of tfds_splits and arrays '
+        f'must be set, got tfds_splits={self.tfds_splits!r} and arrays={self.arrays!r}.'
+      )
+    if (self.arrays is None) != (self.num_classes is None):
+      raise ValueError(
+        'A DatasetSpec in memory needs num_classes, and a TFDS one reads its own: got '
+        f'arrays={self.arrays!r} and num_classes={self.num_classes!r}.'
+      )
+
 
 # --------------------------------------------------------------------------
 # Preprocessing. Train functions take a per-example stateless seed `key`
@@ -394,7 +406,7 @@ KNOWN_DATASETS = tuple(DATASETS)
 def get_dataset(dataset: str) -> DatasetSpec:
   """The `DatasetSpec` of `dataset`, one of `KNOWN_DATASETS`."""
   if dataset not in DATASETS:
-    raise ValueError(f'Unknown dataset {dataset!r}; known datasets: {", ".join(KNOWN_DATASETS)}.')
+    raise ValueError(f'Unknown dataset {dataset!r}; known datasets: {", ".join(DATASETS)}.')
   return DATASETS[dataset]
 
 

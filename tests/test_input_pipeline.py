@@ -559,3 +559,47 @@ def test_the_pipeline_fields_are_set_from_the_command_line_on_a_locked_config():
   )
   # Unset, the cache is the dataset's default.
   assert train.pipeline_args(default.get_config())['cache'] is None
+
+
+def test_a_dataset_is_one_entry_in_the_registry(monkeypatch):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(30, 2, 2, 1), dtype=np.uint8)
+  labels = np.arange(30, dtype=np.int32) % 3
+  arrays = {'train': (images[:20], labels[:20]), 'test': (images[20:], labels[20:])}
+  spec = input_pipeline.DatasetSpec(
+    image_shape=lambda options: (2, 2, 1),
+    preprocess=lambda options: (input_pipeline._to_float, input_pipeline._to_float),
+    arrays=lambda options: arrays,
+    num_classes=lambda options: 3,
+  )
+  monkeypatch.setitem(input_pipeline.DATASETS, 'tiny', spec)
+  assert input_pipeline.dataset_info('tiny') == input_pipeline.DatasetInfo(
+    num_train=20, num_test=10, num_classes=3, image_shape=(2, 2, 1)
+  )
+  train = _epoch(_config('tiny'), global_batch_size=5)
+  assert len(train) == 4
+  # One permutation of the training split, scaled to [0, 1].
+  np.testing.assert_array_equal(
+    np.sort(_stack(train, 'image').reshape(-1)),
+    np.sort(images[:20].reshape(-1).astype(np.float32) / np.float32(255)),
+  )
+  test = _epoch(_config('tiny'), 'test', global_batch_size=4)
+  assert (
+    _check_test_batches(
+      test, num_batches=3, num_local_devices=1, per_device=4, image_shape=(2, 2, 1)
+    )
+    == 10
+  )
+  np.testing.assert_array_equal(_stack(test, 'label')[:10], labels[20:])
+
+
+def test_a_spec_reads_from_tfds_or_from_arrays():
+  shape = {'image_shape': lambda options: (2, 2, 1), 'preprocess': lambda options: None}
+  with pytest.raises(ValueError, match='exactly one of tfds_splits and arrays'):
+    input_pipeline.DatasetSpec(**shape)
+  with pytest.raises(ValueError, match='exactly one of tfds_splits and arrays'):
+    input_pipeline.DatasetSpec(
+      **shape, tfds_splits={'train': 'train', 'test': 'test'}, arrays=lambda options: {}
+    )
+  with pytest.raises(ValueError, match='needs num_classes'):
+    input_pipeline.DatasetSpec(**shape, arrays=lambda options: {})
