@@ -14,7 +14,8 @@
 
 """Input pipelines for the reference trainers.
 
-Four datasets are served through one `tf.data` batching path:
+Four datasets, one entry each in `DATASETS`, are served through one `tf.data`
+batching path:
 
 * ``cifar10`` (TFDS): the augmentation of the Keras ``cifar10_resnet.py``
   example: random shifts of up to 10% of the width and height with 'nearest'
@@ -28,10 +29,14 @@ Four datasets are served through one `tf.data` batching path:
 * ``synthetic``: seeded random images whose labels are a fixed linear function
   of the pixels, so that a model can learn them. For benchmarks and tests.
 
-The global batch sequence of a train epoch is a function of ``(config.seed,
-epoch)`` alone, whatever the number of processes and devices: the epoch is a
-seeded permutation of the whole training split (a new one for each further pass
-when ``steps_per_epoch`` asks for more), batch n holds its examples
+A dataset is added by one `DatasetSpec` in `DATASETS`: its source (a TFDS
+builder or arrays in memory), its image shape, its train and evaluation
+preprocessing, and whether its splits are cached by default.
+
+The global batch sequence of a train epoch is a function of ``(seed, epoch)``
+alone, whatever the number of processes and devices: the epoch is a seeded
+permutation of the whole training split (a new one for each further pass when
+``num_steps`` asks for more), batch n holds its examples
 ``[n * batch_size, (n + 1) * batch_size)``, and the augmentation of each example is
 keyed by ``(seed, epoch, its position in the epoch)`` with stateless random ops.
 Each process reads only the rows of each global batch that its devices hold (a
@@ -47,18 +52,11 @@ Evaluation batches are read in order, each process its own slice of the split,
 and carry a ``mask``; the last one is padded, so that evaluation covers the
 split exactly once.
 
-Config fields read:
-
-* ``dataset``: one of `KNOWN_DATASETS`.
-* ``data_dir``: the TFDS data directory; None for TFDS' default.
-* ``image_size``: ImageNet's crop size, the synthetic images' side (default 32).
-* ``seed``: with the epoch number, decides the train order and augmentation.
-* ``steps_per_epoch``, ``steps_per_eval``: -1 (the default) for one pass.
-* ``cache`` (optional): keep the splits in memory across epochs; default
-  True, except for ImageNet.
-* ``num_channels``, ``num_classes``, ``synthetic_train_size``,
-  ``synthetic_test_size``: the synthetic data's shape (defaults 3, 10, 1024,
-  256).
+The functions take the trainer config's fields of the same names as arguments
+(see examples/configs/default.py): ``dataset``, ``data_dir``, ``image_size``,
+``num_channels``, ``num_classes``, ``synthetic_train_size``,
+``synthetic_test_size``, ``cache`` and ``seed``; ``num_steps`` is
+``steps_per_epoch`` for training and ``steps_per_eval`` for evaluation.
 """
 
 import contextlib
@@ -66,24 +64,15 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-KNOWN_DATASETS = ('cifar10', 'imagenet2012', 'digits', 'synthetic')
 SPLITS = ('train', 'test')
-
-# The TFDS split read for each of our splits: ImageNet's labelled held-out
-# split is called 'validation'.
-_TFDS_SPLITS = {
-  'cifar10': {'train': 'train', 'test': 'test'},
-  'imagenet2012': {'train': 'train', 'test': 'validation'},
-}
 
 # Keras' width_shift_range=0.1 on 32 pixels, rounded to whole pixels.
 CIFAR10_MAX_SHIFT = 3
@@ -96,11 +85,11 @@ CROP_PADDING = 32
 
 DIGITS_TEST_SIZE = 360
 
-# ImageNet's encoded JPEGs (~150 GB) do not fit a host's memory, so it is only
-# cached when the config asks for it.
-_CACHE_BY_DEFAULT = {'cifar10': True, 'imagenet2012': False, 'digits': True, 'synthetic': True}
-
 Example = dict[str, tf.Tensor]
+# A train function takes a per-example stateless seed (int64 [2]) besides the example.
+TrainFn = Callable[[Example, tf.Tensor], Example]
+EvalFn = Callable[[Example], Example]
+Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 def _hide_gpus_from_tf() -> None:
@@ -125,156 +114,70 @@ class DatasetInfo:
   image_shape: tuple[int, int, int]
 
 
-def _dataset_name(config: ml_collections.ConfigDict) -> str:
-  name = config.dataset
-  if name not in KNOWN_DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; known datasets: {", ".join(KNOWN_DATASETS)}.')
-  return name
+@dataclasses.dataclass(frozen=True)
+class DatasetOptions:
+  """What reading a dataset may depend on besides its name.
+
+  Attributes:
+    data_dir: the TFDS data directory; None for TFDS' default.
+    image_size: ImageNet's crop size; the synthetic images' side.
+    num_channels: the synthetic images' channels.
+    num_classes: the synthetic data's classes.
+    synthetic_train_size: the synthetic training split's examples.
+    synthetic_test_size: the synthetic test split's examples.
+  """
+
+  data_dir: str | None
+  image_size: int
+  num_channels: int
+  num_classes: int
+  synthetic_train_size: int
+  synthetic_test_size: int
 
 
-def _not_prepared_message(name: str, builder: tfds.core.DatasetBuilder) -> str:
-  # builder.data_dir is <root>/<name>/<version>; the commands want <root>.
-  root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
-  prepare = (
-    'python -m tensorflow_datasets.scripts.download_and_prepare '
-    f'--datasets={name} --data_dir={root}'
-  )
-  if name == 'imagenet2012':
-    manual_dir = os.path.join(root, 'downloads', 'manual')
-    return (
-      f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). ImageNet cannot be '
-      'downloaded automatically: register at https://image-net.org/download-images, put '
-      f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual_dir}, then run\n'
-      f'  {prepare}\n'
-      'or point config.data_dir at the directory that holds the prepared dataset.'
-    )
-  return (
-    f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). Prepare it on a machine '
-    f'with network access with\n  {prepare}\n'
-    'and copy that directory here, or point config.data_dir at the directory that holds it.'
-  )
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """One dataset: where it comes from, how it is preprocessed, and its defaults.
 
+  A dataset is read either from TFDS, by the builder named as its `DATASETS` key
+  (`tfds_splits` set), or from arrays in memory (`arrays` and `num_classes` set).
 
-def _tfds_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """Returns the builder of a prepared TFDS dataset; fails fast otherwise."""
-  name = _dataset_name(config)
-  builder = tfds.builder(name, data_dir=config.get('data_dir'))
-  # Reading an unprepared builder would either fail deep inside TFDS or start a
-  # download; neither helps on a machine without network.
-  if not builder.is_prepared():
-    raise FileNotFoundError(_not_prepared_message(name, builder))
-  return builder
+  Attributes:
+    image_shape: `image_shape(options)`, the shape of a preprocessed image.
+    preprocess: `preprocess(options)`, the (train, eval) preprocessing functions;
+      both return {'image': float32 [H, W, C], 'label': int32 []}.
+    cache: whether the splits are kept in memory across epochs when the caller
+      does not say.
+    tfds_splits: the TFDS split read for each of 'train' and 'test'.
+    decode_after_crop: TFDS images are read as encoded JPEGs and decoded by the
+      preprocessing, which then decodes only the crop.
+    manual_download: for a TFDS dataset that cannot be downloaded by TFDS, how to
+      get its files into '{manual_dir}'.
+    arrays: `arrays(options)`, {'train': (images, labels), 'test': (...)} as numpy.
+    num_classes: `num_classes(options)`, for a dataset in memory (a TFDS builder
+      knows its own).
+  """
 
+  image_shape: Callable[[DatasetOptions], tuple[int, int, int]]
+  preprocess: Callable[[DatasetOptions], tuple[TrainFn, EvalFn]]
+  cache: bool = True
+  tfds_splits: Mapping[str, str] | None = None
+  decode_after_crop: bool = False
+  manual_download: str | None = None
+  arrays: Callable[[DatasetOptions], Arrays] | None = None
+  num_classes: Callable[[DatasetOptions], int] | None = None
 
-def _check_split(split: str) -> None:
-  if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
-
-
-@functools.cache
-def _digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """scikit-learn's digits as float32 images in [0, 1], split once and for all."""
-  # Imported here so that the TFDS datasets do not pay for scikit-learn.
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  labels = digits.target.astype(np.int32)
-  train_x, test_x, train_y, test_y = train_test_split(
-    images, labels, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0
-  )
-  return {'train': (train_x, train_y), 'test': (test_x, test_y)}
-
-
-def _synthetic_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  size = config.get('image_size', 32)
-  return (size, size, config.get('num_channels', 3))
-
-
-def _synthetic_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
-  return {
-    'train': config.get('synthetic_train_size', 1024),
-    'test': config.get('synthetic_test_size', 256),
-  }
-
-
-@functools.cache
-def _synthetic_arrays(
-  image_shape: tuple[int, int, int], num_classes: int, num_train: int, num_test: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Uniform uint8 images labelled by the argmax of a fixed random projection."""
-  # The data must not depend on config.seed: runs with different seeds should
-  # still be trained and evaluated on the same dataset.
-  rng = np.random.default_rng(0)
-  n = num_train + num_test
-  images = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
-  projection = rng.standard_normal((math.prod(image_shape), num_classes), dtype=np.float32)
-  labels = np.empty(n, np.int32)
-  # Centred pixels make the classes about equally frequent. In chunks, so that a
-  # large synthetic ImageNet never needs a float copy of all images at once.
-  for start in range(0, n, 256):
-    chunk = images[start : start + 256].reshape(-1, projection.shape[0])
-    labels[start : start + 256] = np.argmax((chunk / 255.0 - 0.5) @ projection, axis=-1)
-  return {
-    'train': (images[:num_train], labels[:num_train]),
-    'test': (images[num_train:], labels[num_train:]),
-  }
-
-
-def dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Returns the sizes and shapes of `config.dataset`."""
-  name = _dataset_name(config)
-  if name in _TFDS_SPLITS:
-    builder = _tfds_builder(config)
-    splits = _TFDS_SPLITS[name]
-    size = config.image_size if name == 'imagenet2012' else 32
-    return DatasetInfo(
-      num_train=builder.info.splits[splits['train']].num_examples,
-      num_test=builder.info.splits[splits['test']].num_examples,
-      num_classes=builder.info.features['label'].num_classes,
-      image_shape=(size, size, 3),
-    )
-  if name == 'digits':
-    arrays = _digits_arrays()
-    return DatasetInfo(
-      num_train=len(arrays['train'][1]),
-      num_test=len(arrays['test'][1]),
-      num_classes=10,
-      image_shape=arrays['train'][0].shape[1:],
-    )
-  sizes = _synthetic_sizes(config)
-  return DatasetInfo(
-    num_train=sizes['train'],
-    num_test=sizes['test'],
-    num_classes=config.get('num_classes', 10),
-    image_shape=_synthetic_shape(config),
-  )
-
-
-def steps_per_epoch(
-  config: ml_collections.ConfigDict, info: DatasetInfo, global_batch_size: int
-) -> int:
-  """`config.steps_per_epoch` if positive, else the full batches in the train split."""
-  steps = config.get('steps_per_epoch', -1)
-  if steps is not None and steps > 0:
-    return steps
-  steps = info.num_train // global_batch_size
-  if steps == 0:
-    raise ValueError(
-      f'batch_size={global_batch_size} exceeds the {info.num_train} training examples.'
-    )
-  return steps
-
-
-def steps_per_eval(
-  config: ml_collections.ConfigDict, info: DatasetInfo, global_batch_size: int
-) -> int:
-  """`config.steps_per_eval` if positive, else enough batches to cover the test split."""
-  steps = config.get('steps_per_eval', -1)
-  if steps is not None and steps > 0:
-    return steps
-  return math.ceil(info.num_test / global_batch_size)
+  def __post_init__(self):
+    if (self.tfds_splits is None) == (self.arrays is None):
+      raise ValueError(
+        'A DatasetSpec reads from TFDS or from arrays: exactly one of tfds_splits and arrays '
+        f'must be set, got tfds_splits={self.tfds_splits!r} and arrays={self.arrays!r}.'
+      )
+    if (self.arrays is None) != (self.num_classes is None):
+      raise ValueError(
+        'A DatasetSpec in memory needs num_classes, and a TFDS one reads its own: got '
+        f'arrays={self.arrays!r} and num_classes={self.num_classes!r}.'
+      )
 
 
 # --------------------------------------------------------------------------
@@ -370,13 +273,80 @@ def _to_float(example: Example, key: tf.Tensor | None = None) -> Example:
   return {'image': image, 'label': example['label']}
 
 
+def _cifar10_preprocess(options: DatasetOptions) -> tuple[TrainFn, EvalFn]:
+  pixel_mean = _cifar10_pixel_mean(options.data_dir)
+  return (
+    functools.partial(_cifar10_train, pixel_mean=pixel_mean),
+    functools.partial(_cifar10_eval, pixel_mean=pixel_mean),
+  )
+
+
+def _imagenet_preprocess(options: DatasetOptions) -> tuple[TrainFn, EvalFn]:
+  return (
+    functools.partial(_imagenet_train, image_size=options.image_size),
+    functools.partial(_imagenet_eval, image_size=options.image_size),
+  )
+
+
+def _float_preprocess(options: DatasetOptions) -> tuple[TrainFn, EvalFn]:
+  del options
+  return _to_float, _to_float
+
+
 # --------------------------------------------------------------------------
-# Sources: one process's slice of a split, before preprocessing.
+# Data in memory, and the statistics of a TFDS split.
 
 
-def _process_slice(n: int, index: int, count: int) -> slice:
-  """The `index`-th of `count` contiguous near-equal parts of range(n), as TFDS splits."""
-  return slice(index * n // count, (index + 1) * n // count)
+@functools.cache
+def _digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """scikit-learn's digits as float32 images in [0, 1], split once and for all."""
+  # Imported here so that the TFDS datasets do not pay for scikit-learn.
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]
+  labels = digits.target.astype(np.int32)
+  train_x, test_x, train_y, test_y = train_test_split(
+    images, labels, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=0
+  )
+  return {'train': (train_x, train_y), 'test': (test_x, test_y)}
+
+
+@functools.cache
+def _synthetic_arrays(
+  image_shape: tuple[int, int, int], num_classes: int, num_train: int, num_test: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Uniform uint8 images labelled by the argmax of a fixed random projection."""
+  # The data must not depend on the seed: runs with different seeds should
+  # still be trained and evaluated on the same dataset.
+  rng = np.random.default_rng(0)
+  n = num_train + num_test
+  images = rng.integers(0, 256, size=(n, *image_shape), dtype=np.uint8)
+  projection = rng.standard_normal((math.prod(image_shape), num_classes), dtype=np.float32)
+  labels = np.empty(n, np.int32)
+  # Centred pixels make the classes about equally frequent. In chunks, so that a
+  # large synthetic ImageNet never needs a float copy of all images at once.
+  for start in range(0, n, 256):
+    chunk = images[start : start + 256].reshape(-1, projection.shape[0])
+    labels[start : start + 256] = np.argmax((chunk / 255.0 - 0.5) @ projection, axis=-1)
+  return {
+    'train': (images[:num_train], labels[:num_train]),
+    'test': (images[num_train:], labels[num_train:]),
+  }
+
+
+def _synthetic_shape(options: DatasetOptions) -> tuple[int, int, int]:
+  return (options.image_size, options.image_size, options.num_channels)
+
+
+def _synthetic_data(options: DatasetOptions) -> Arrays:
+  return _synthetic_arrays(
+    _synthetic_shape(options),
+    options.num_classes,
+    options.synthetic_train_size,
+    options.synthetic_test_size,
+  )
 
 
 @functools.cache
@@ -394,23 +364,181 @@ def _cifar10_pixel_mean(data_dir: str | None) -> np.ndarray:
   return (total / count / 255.0).astype(np.float32)
 
 
+# --------------------------------------------------------------------------
+# The datasets.
+
+DATASETS: dict[str, DatasetSpec] = {
+  'cifar10': DatasetSpec(
+    image_shape=lambda options: (32, 32, 3),
+    preprocess=_cifar10_preprocess,
+    tfds_splits={'train': 'train', 'test': 'test'},
+  ),
+  'imagenet2012': DatasetSpec(
+    image_shape=lambda options: (options.image_size, options.image_size, 3),
+    preprocess=_imagenet_preprocess,
+    # The encoded JPEGs (~150 GB) do not fit a host's memory.
+    cache=False,
+    # ImageNet's labelled held-out split is called 'validation'.
+    tfds_splits={'train': 'train', 'test': 'validation'},
+    decode_after_crop=True,
+    manual_download=(
+      'ImageNet cannot be downloaded automatically: register at '
+      'https://image-net.org/download-images, put ILSVRC2012_img_train.tar and '
+      'ILSVRC2012_img_val.tar in {manual_dir}'
+    ),
+  ),
+  'digits': DatasetSpec(
+    image_shape=lambda options: (8, 8, 1),
+    preprocess=_float_preprocess,
+    arrays=lambda options: _digits_arrays(),
+    num_classes=lambda options: 10,
+  ),
+  'synthetic': DatasetSpec(
+    image_shape=_synthetic_shape,
+    preprocess=_float_preprocess,
+    arrays=_synthetic_data,
+    num_classes=lambda options: options.num_classes,
+  ),
+}
+KNOWN_DATASETS = tuple(DATASETS)
+
+
+def get_dataset(dataset: str) -> DatasetSpec:
+  """The `DatasetSpec` of `dataset`, one of `KNOWN_DATASETS`."""
+  if dataset not in DATASETS:
+    raise ValueError(f'Unknown dataset {dataset!r}; known datasets: {", ".join(DATASETS)}.')
+  return DATASETS[dataset]
+
+
+def _not_prepared_message(
+  name: str, builder: tfds.core.DatasetBuilder, manual_download: str | None
+) -> str:
+  # builder.data_dir is <root>/<name>/<version>; the commands want <root>.
+  root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+  prepare = (
+    'python -m tensorflow_datasets.scripts.download_and_prepare '
+    f'--datasets={name} --data_dir={root}'
+  )
+  if manual_download is not None:
+    manual_dir = os.path.join(root, 'downloads', 'manual')
+    return (
+      f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). '
+      f'{manual_download.format(manual_dir=manual_dir)}, then run\n'
+      f'  {prepare}\n'
+      'or point config.data_dir at the directory that holds the prepared dataset.'
+    )
+  return (
+    f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). Prepare it on a machine '
+    f'with network access with\n  {prepare}\n'
+    'and copy that directory here, or point config.data_dir at the directory that holds it.'
+  )
+
+
+def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """Returns the builder of a prepared TFDS dataset; fails fast otherwise."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  # Reading an unprepared builder would either fail deep inside TFDS or start a
+  # download; neither helps on a machine without network.
+  if not builder.is_prepared():
+    raise FileNotFoundError(_not_prepared_message(name, builder, DATASETS[name].manual_download))
+  return builder
+
+
+def _info(name: str, options: DatasetOptions) -> DatasetInfo:
+  spec = get_dataset(name)
+  if spec.arrays is None:
+    builder = _tfds_builder(name, options.data_dir)
+    return DatasetInfo(
+      num_train=builder.info.splits[spec.tfds_splits['train']].num_examples,
+      num_test=builder.info.splits[spec.tfds_splits['test']].num_examples,
+      num_classes=builder.info.features['label'].num_classes,
+      image_shape=spec.image_shape(options),
+    )
+  arrays = spec.arrays(options)
+  return DatasetInfo(
+    num_train=len(arrays['train'][1]),
+    num_test=len(arrays['test'][1]),
+    num_classes=spec.num_classes(options),
+    image_shape=spec.image_shape(options),
+  )
+
+
+def dataset_info(
+  dataset: str,
+  *,
+  data_dir: str | None = None,
+  image_size: int = 32,
+  num_channels: int = 3,
+  num_classes: int = 10,
+  synthetic_train_size: int = 1024,
+  synthetic_test_size: int = 256,
+) -> DatasetInfo:
+  """Returns the sizes and shapes of `dataset`.
+
+  Args:
+    dataset: one of `KNOWN_DATASETS`.
+    data_dir, image_size, num_channels, num_classes, synthetic_train_size,
+      synthetic_test_size: as for `create_input_iter`.
+
+  Raises:
+    ValueError: for an unknown dataset.
+    FileNotFoundError: if a TFDS dataset has not been prepared in `data_dir`.
+  """
+  options = DatasetOptions(
+    data_dir, image_size, num_channels, num_classes, synthetic_train_size, synthetic_test_size
+  )
+  return _info(dataset, options)
+
+
+def steps_per_epoch(info: DatasetInfo, global_batch_size: int, steps: int | None = -1) -> int:
+  """`steps` if positive, else the full batches in the train split."""
+  if steps is not None and steps > 0:
+    return steps
+  steps = info.num_train // global_batch_size
+  if steps == 0:
+    raise ValueError(
+      f'batch_size={global_batch_size} exceeds the {info.num_train} training examples.'
+    )
+  return steps
+
+
+def steps_per_eval(info: DatasetInfo, global_batch_size: int, steps: int | None = -1) -> int:
+  """`steps` if positive, else enough batches to cover the test split."""
+  if steps is not None and steps > 0:
+    return steps
+  return math.ceil(info.num_test / global_batch_size)
+
+
+# --------------------------------------------------------------------------
+# Sources: one process's slice of a split, before preprocessing.
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
+
+
+def _process_slice(n: int, index: int, count: int) -> slice:
+  """The `index`-th of `count` contiguous near-equal parts of range(n), as TFDS splits."""
+  return slice(index * n // count, (index + 1) * n // count)
+
+
 # Cached TFDS sources, kept across calls so that the in-memory `cache()` is
 # filled once and reused by every later epoch and evaluation.
 _CACHED_SOURCES: dict[tuple[Any, ...], tf.data.Dataset] = {}
 
 
-def _tfds_source(config: ml_collections.ConfigDict, split: str, *, cache: bool) -> tf.data.Dataset:
+def _tfds_source(name: str, data_dir: str | None, split: str, *, cache: bool) -> tf.data.Dataset:
   """This process's slice of `split`, in file order, for evaluation."""
-  name = _dataset_name(config)
-  builder = _tfds_builder(config)
+  spec = DATASETS[name]
+  builder = _tfds_builder(name, data_dir)
   key = (name, os.fspath(builder.data_dir), split, jax.process_index(), jax.process_count())
   if cache and key in _CACHED_SOURCES:
     return _CACHED_SOURCES[key]
   ds = builder.as_dataset(
-    split=tfds.split_for_jax_process(_TFDS_SPLITS[name][split]),
+    split=tfds.split_for_jax_process(spec.tfds_splits[split]),
     shuffle_files=False,
-    # ImageNet is decoded after cropping: decoding only the crop is cheaper.
-    decoders={'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None,
+    decoders={'image': tfds.decode.SkipDecoding()} if spec.decode_after_crop else None,
     read_config=tfds.ReadConfig(
       try_autocache=False,
       skip_prefetch=True,
@@ -426,36 +554,10 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str, *, cache: bool) 
   return ds
 
 
-def _array_source(config: ml_collections.ConfigDict, split: str) -> tf.data.Dataset:
-  if config.dataset == 'digits':
-    arrays = _digits_arrays()
-  else:
-    sizes = _synthetic_sizes(config)
-    arrays = _synthetic_arrays(
-      _synthetic_shape(config), config.get('num_classes', 10), sizes['train'], sizes['test']
-    )
+def _array_source(arrays: Arrays, split: str) -> tf.data.Dataset:
   images, labels = arrays[split]
   local = _process_slice(len(labels), jax.process_index(), jax.process_count())
   return tf.data.Dataset.from_tensor_slices({'image': images[local], 'label': labels[local]})
-
-
-def _preprocess_fns(
-  config: ml_collections.ConfigDict,
-) -> tuple[Callable[[Example, tf.Tensor], Example], Callable[[Example], Example]]:
-  """The (train, eval) preprocessing functions of `config.dataset`."""
-  name = _dataset_name(config)
-  if name == 'cifar10':
-    pixel_mean = _cifar10_pixel_mean(config.get('data_dir'))
-    return (
-      functools.partial(_cifar10_train, pixel_mean=pixel_mean),
-      functools.partial(_cifar10_eval, pixel_mean=pixel_mean),
-    )
-  if name == 'imagenet2012':
-    return (
-      functools.partial(_imagenet_train, image_size=config.image_size),
-      functools.partial(_imagenet_eval, image_size=config.image_size),
-    )
-  return _to_float, _to_float
 
 
 # --------------------------------------------------------------------------
@@ -476,9 +578,9 @@ def epoch_order(num_train: int, seed: int, epoch: int, num_examples: int) -> np.
   return np.concatenate(orders)[:num_examples]
 
 
-def _augment_key(config: ml_collections.ConfigDict, epoch: int) -> np.ndarray:
+def _augment_key(seed: int, epoch: int) -> np.ndarray:
   # SeedSequence mixes its entropy well: neighbouring epochs and seeds give unrelated keys.
-  state = np.random.SeedSequence([int(config.seed) % 2**32, epoch, 2**31]).generate_state(2)
+  state = np.random.SeedSequence([int(seed) % 2**32, epoch, 2**31]).generate_state(2)
   return state.astype(np.int64)
 
 
@@ -495,33 +597,28 @@ def _stack_records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   }
 
 
-def _train_rows(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+def _train_rows(
+  name: str, options: DatasetOptions, *, cache: bool
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
   """`read(indices)`: the training examples at `indices`, by random access."""
-  name = _dataset_name(config)
-  if name not in _TFDS_SPLITS:
-    if name == 'digits':
-      images, labels = _digits_arrays()['train']
-    else:
-      sizes = _synthetic_sizes(config)
-      images, labels = _synthetic_arrays(
-        _synthetic_shape(config), config.get('num_classes', 10), sizes['train'], sizes['test']
-      )['train']
+  spec = DATASETS[name]
+  if spec.arrays is not None:
+    images, labels = spec.arrays(options)['train']
     return lambda indices: {'image': images[indices], 'label': labels[indices]}
 
-  builder = _tfds_builder(config)
+  builder = _tfds_builder(name, options.data_dir)
   key = (name, os.fspath(builder.data_dir))
   if key in _TRAIN_ROWS:
     return _TRAIN_ROWS[key]
-  split = _TFDS_SPLITS[name]['train']
-  # ImageNet is decoded after cropping: decoding only the crop is cheaper.
-  decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
+  split = spec.tfds_splits['train']
+  decoders = {'image': tfds.decode.SkipDecoding()} if spec.decode_after_crop else None
   if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
     source = builder.as_data_source(split=split, decoders=decoders)
 
     def read(indices):
       return _stack_records(source.__getitems__([int(i) for i in indices]))
 
-  elif config.get('cache', _CACHE_BY_DEFAULT[name]):
+  elif cache:
     ds = builder.as_dataset(
       split=split,
       decoders=decoders,
@@ -549,9 +646,11 @@ def _train_rows(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], dic
 
 
 def _train_batches(
-  config: ml_collections.ConfigDict,
+  read: Callable[[np.ndarray], dict[str, np.ndarray]],
+  train_fn: TrainFn,
   info: DatasetInfo,
   *,
+  seed: int,
   epoch: int,
   global_batch_size: int,
   num_batches: int,
@@ -560,14 +659,12 @@ def _train_batches(
   """This process's rows of the epoch's global batches `start_step`, ... as examples."""
   process, processes = jax.process_index(), jax.process_count()
   local_batch_size = global_batch_size // processes
-  order = epoch_order(info.num_train, config.seed, epoch, num_batches * global_batch_size)
+  order = epoch_order(info.num_train, seed, epoch, num_batches * global_batch_size)
   positions = np.arange(num_batches * global_batch_size).reshape(num_batches, global_batch_size)
   rows = slice(process * local_batch_size, (process + 1) * local_batch_size)
   positions = positions[start_step:, rows]
   indices = order.reshape(num_batches, global_batch_size)[start_step:, rows]
-  read = _train_rows(config)
-  train_fn, _ = _preprocess_fns(config)
-  augment_key = _augment_key(config, epoch)
+  augment_key = _augment_key(seed, epoch)
   sample = read(indices[:1, 0] if indices.size else np.zeros([1], np.int64))
   image_shape = [local_batch_size, *sample['image'].shape[1:]]
   image_dtype = tf.string if sample['image'].dtype == object else tf.as_dtype(sample['image'].dtype)
@@ -595,6 +692,24 @@ def _train_batches(
   return ds.batch(local_batch_size, drop_remainder=True)
 
 
+def _eval_batches(
+  source: tf.data.Dataset, eval_fn: EvalFn, *, local_batch_size: int, num_batches: int
+) -> tf.data.Dataset:
+  """`num_batches` batches of `source`, each example with 'mask' 1, then padding with 0."""
+
+  def with_mask(example: Example) -> Example:
+    return {**eval_fn(example), 'mask': tf.constant(1.0, tf.float32)}
+
+  ds = source.map(with_mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # Endless all-zero examples with mask 0 fill the last batch (and any batch
+  # past the end of this process's slice), so every test example is counted
+  # exactly once and every process runs the same number of steps.
+  padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  return ds.take(num_batches)
+
+
 def _shard(batch: Example, num_local_devices: int) -> Example:
   return {k: tf.reshape(v, [num_local_devices, -1, *v.shape[1:]]) for k, v in batch.items()}
 
@@ -608,11 +723,20 @@ def _finish(ds: tf.data.Dataset, num_local_devices: int) -> Iterator[dict[str, n
 
 
 def create_input_iter(
-  config: ml_collections.ConfigDict,
+  dataset: str,
   split: str,
   *,
-  epoch: int,
   global_batch_size: int,
+  epoch: int = 0,
+  seed: int = 0,
+  num_steps: int | None = -1,
+  cache: bool | None = None,
+  data_dir: str | None = None,
+  image_size: int = 32,
+  num_channels: int = 3,
+  num_classes: int = 10,
+  synthetic_train_size: int = 1024,
+  synthetic_test_size: int = 256,
   num_local_devices: int | None = None,
   evaluation: bool | None = None,
   start_step: int = 0,
@@ -620,11 +744,24 @@ def create_input_iter(
   """Returns an iterator over one epoch of this process's batches of `split`.
 
   Args:
-    config: the experiment config; see the module docstring for the fields read.
+    dataset: one of `KNOWN_DATASETS`.
     split: 'train' or 'test'.
-    epoch: the epoch number; the train order and augmentation depend only on it
-      and `config.seed`. Ignored for 'test'.
     global_batch_size: examples per step over all processes and devices.
+    epoch: the epoch number; the train order and augmentation depend only on it
+      and `seed`. Ignored for evaluation.
+    seed: with `epoch`, decides the train order and augmentation.
+    num_steps: the batches to yield: for training the epoch's steps (a permutation
+      of the split for each pass they need), for evaluation on 'test' the first
+      `num_steps` batches; -1 or None: one pass over the split. Evaluation on
+      'train' always covers the split once.
+    cache: keep the TFDS splits in memory across epochs; None: the dataset's
+      default (`DatasetSpec.cache`: yes but for ImageNet).
+    data_dir: the TFDS data directory; None for TFDS' default.
+    image_size: ImageNet's crop size; the synthetic images' side.
+    num_channels: the synthetic images' channels.
+    num_classes: the synthetic data's classes.
+    synthetic_train_size: the synthetic training split's examples.
+    synthetic_test_size: the synthetic test split's examples.
     num_local_devices: leading dimension of the batches; defaults to
       `jax.local_device_count()`.
     evaluation: batches for evaluation: no augmentation, a 'mask', the whole split
@@ -634,17 +771,18 @@ def create_input_iter(
   Returns:
     An iterator of numpy dicts with 'image' float32 [num_local_devices,
     per_device, H, W, C] and 'label' int32 [num_local_devices, per_device];
-    'test' batches also have 'mask' float32 [num_local_devices, per_device],
-    0 on the padding after the last test example. 'train' yields
-    `steps_per_epoch` batches, 'test' `steps_per_eval`.
+    evaluation batches also have 'mask' float32 [num_local_devices, per_device],
+    0 on the padding after the last example. Training yields
+    `steps_per_epoch(info, global_batch_size, num_steps)` batches, evaluation on
+    'test' `steps_per_eval(info, global_batch_size, num_steps)`.
 
   Raises:
     ValueError: for an unknown dataset or split, or a batch size that the
       devices do not divide.
-    FileNotFoundError: if a TFDS dataset has not been prepared in
-      `config.data_dir`; the message says how to prepare it.
+    FileNotFoundError: if a TFDS dataset has not been prepared in `data_dir`;
+      the message says how to prepare it.
   """
-  name = _dataset_name(config)
+  spec = get_dataset(dataset)
   _check_split(split)
   if num_local_devices is None:
     num_local_devices = jax.local_device_count()
@@ -655,42 +793,38 @@ def create_input_iter(
       f'{num_devices} ({jax.process_count()} processes x {num_local_devices} local devices).'
     )
   local_batch_size = global_batch_size // jax.process_count()
-  info = dataset_info(config)
+  options = DatasetOptions(
+    data_dir, image_size, num_channels, num_classes, synthetic_train_size, synthetic_test_size
+  )
+  info = _info(dataset, options)
+  if cache is None:
+    cache = spec.cache
   if evaluation is None:
     evaluation = split == 'test'
   if not evaluation:
     if split != 'train':
       raise ValueError(f'Only the train split is trained on, got split={split!r}.')
+    train_fn, _ = spec.preprocess(options)
     ds = _train_batches(
-      config,
+      _train_rows(dataset, options, cache=cache),
+      train_fn,
       info,
+      seed=seed,
       epoch=epoch,
       global_batch_size=global_batch_size,
-      num_batches=steps_per_epoch(config, info, global_batch_size),
+      num_batches=steps_per_epoch(info, global_batch_size, num_steps),
       start_step=start_step,
     )
     return _finish(ds, num_local_devices)
 
-  cache = config.get('cache', _CACHE_BY_DEFAULT[name])
-  _, eval_fn = _preprocess_fns(config)
-  if name in _TFDS_SPLITS:
-    ds = _tfds_source(config, split, cache=cache)
+  _, eval_fn = spec.preprocess(options)
+  if spec.arrays is None:
+    source = _tfds_source(dataset, options.data_dir, split, cache=cache)
   else:
-    ds = _array_source(config, split)
-
-  def with_mask(example: Example) -> Example:
-    return {**eval_fn(example), 'mask': tf.constant(1.0, tf.float32)}
-
-  ds = ds.map(with_mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # Endless all-zero examples with mask 0 fill the last batch (and any batch
-  # past the end of this process's slice), so every test example is counted
-  # exactly once and every process runs the same number of steps.
-  padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-  ds = ds.batch(local_batch_size, drop_remainder=True)
+    source = _array_source(spec.arrays(options), split)
   if split == 'test':
-    num_batches = steps_per_eval(config, info, global_batch_size)
+    num_batches = steps_per_eval(info, global_batch_size, num_steps)
   else:
     num_batches = math.ceil(info.num_train / global_batch_size)
-  ds = ds.take(num_batches)
+  ds = _eval_batches(source, eval_fn, local_batch_size=local_batch_size, num_batches=num_batches)
   return _finish(ds, num_local_devices)

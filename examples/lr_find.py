@@ -58,7 +58,11 @@ def _train_batches(config: ml_collections.ConfigDict) -> Iterator[dict[str, np.n
   epoch = 0
   while True:
     yield from input_pipeline.create_input_iter(
-      config, 'train', epoch=epoch, global_batch_size=config.batch_size
+      split='train',
+      epoch=epoch,
+      global_batch_size=config.batch_size,
+      num_steps=config.steps_per_epoch,
+      **train.pipeline_args(config),
     )
     epoch += 1
 
@@ -133,8 +137,8 @@ def lr_find(
   coolopt.smooth_losses([], smoothing)  # Checks the arguments before anything compiles.
   coolopt.divergence_step([], divergence_threshold)
 
-  info = input_pipeline.dataset_info(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
+  info = input_pipeline.dataset_info(**train.dataset_args(config))
+  steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size, config.steps_per_epoch)
   axis_name = data_parallel.AXIS_NAME if config.parallelism == 'pmap' else None
   model = train.create_model(config, axis_name=axis_name)
   tx, _ = optimizers.create_optimizer(

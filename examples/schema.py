@@ -140,8 +140,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.cooling == optimizers.THERMOSTAT and config.warmup_epochs:
     raise invalid_field('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
   _check_choice(config, 'lr_schedule', optimizers.LR_SCHEDULES)
-  for field in ('num_epochs', 'batch_size', 'num_classes', 'image_size'):
+  for field in (
+    'num_epochs',
+    'batch_size',
+    'num_classes',
+    'image_size',
+    'num_channels',
+    'synthetic_train_size',
+    'synthetic_test_size',
+  ):
     _check_number(config, field, lower=1, integer=True)
+  if config.cache is not None and not isinstance(config.cache, bool):
+    raise invalid_field('cache', config.cache, "None (the data set's default), True or False")
   if config.batch_size % jax.device_count():
     raise invalid_field(
       'batch_size', config.batch_size, f'a multiple of the device count {jax.device_count()}'

@@ -31,9 +31,7 @@ import functools
 import os
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any
 
-import ml_collections
 import numpy as np
 
 TEXT_DATASETS = ('python_docs', 'ptb')
@@ -222,76 +220,100 @@ def bptt_windows(
 # The trainer's view: the same calls as examples.input_pipeline's.
 
 
-def split_streams(config: ml_collections.ConfigDict, split: str) -> np.ndarray:
-  """The streams of `split`: `config.batch_size` for 'train', `config.eval_batch_size` else."""
-  corpus = load_corpus(config.dataset, config.get('data_dir'))
-  batch_size = config.batch_size if split == 'train' else config.eval_batch_size
-  return batchify(corpus.split(split), batch_size)
+def split_streams(
+  dataset: str, split: str, *, batch_size: int, data_dir: str | None = None
+) -> np.ndarray:
+  """The `batch_size` streams of `split` of the corpus `dataset` (see `load_corpus`)."""
+  return batchify(load_corpus(dataset, data_dir).split(split), batch_size)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-  """`config.steps_per_epoch` if positive, else the windows of one pass over 'train'."""
-  steps = config.get('steps_per_epoch', -1)
+def steps_per_epoch(
+  dataset: str, *, batch_size: int, bptt: int, steps: int | None = -1, data_dir: str | None = None
+) -> int:
+  """`steps` if positive, else the windows of one pass over 'train' in `batch_size` streams."""
   if steps is not None and steps > 0:
     return steps
-  return num_windows(split_streams(config, 'train'), config.bptt)
+  return num_windows(
+    split_streams(dataset, 'train', batch_size=batch_size, data_dir=data_dir), bptt
+  )
 
 
-def steps_per_eval(config: ml_collections.ConfigDict, split: str) -> int:
-  """`config.steps_per_eval` if positive (and at most a pass), else one pass over `split`."""
-  windows = num_windows(split_streams(config, split), config.bptt)
-  steps = config.get('steps_per_eval', -1)
+def steps_per_eval(
+  dataset: str,
+  split: str,
+  *,
+  batch_size: int,
+  bptt: int,
+  steps: int | None = -1,
+  data_dir: str | None = None,
+) -> int:
+  """`steps` if positive (and at most a pass), else one pass over `split`."""
+  streams = split_streams(dataset, split, batch_size=batch_size, data_dir=data_dir)
+  windows = num_windows(streams, bptt)
   return min(steps, windows) if steps is not None and steps > 0 else windows
 
 
 def create_input_iter(
-  config: ml_collections.ConfigDict,
+  dataset: str,
   split: str,
   *,
+  global_batch_size: int,
+  bptt: int,
   epoch: int = 0,
+  num_steps: int | None = -1,
+  data_dir: str | None = None,
   num_local_devices: int | None = None,
   start_step: int = 0,
-  **unused: Any,
 ) -> Iterator[dict[str, np.ndarray]]:
   """This process's rows of the windows of `split`, from window `start_step` on.
 
-  'train' yields `steps_per_epoch(config)` windows (past the end of a pass it starts the
+  'train' yields `steps_per_epoch` windows (past the end of a pass it starts the
   streams again), the other splits `steps_per_eval`. Every window of every epoch is the
   same; besides 'inputs', 'targets' and 'mask' each carries 'reset', 1 on the first window
   of a pass over the streams, where the reference starts from a zero LSTM state.
 
   Args:
-    config: the experiment config ('dataset', 'data_dir', 'batch_size',
-      'eval_batch_size', 'bptt', 'steps_per_epoch', 'steps_per_eval').
+    dataset: one of `TEXT_DATASETS`.
     split: 'train', 'valid' or 'test'.
+    global_batch_size: the streams over all processes and devices.
+    bptt: the tokens of a window.
     epoch: unused: the windows do not change from epoch to epoch.
+    num_steps: the windows to yield: for 'train' the epoch's (past a pass the streams
+      start again), for the other splits at most a pass; -1 or None: one pass.
+    data_dir: the directory of the `ptb` files.
     num_local_devices: the leading dimension; defaults to `jax.local_device_count()`.
     start_step: the first window to yield (to resume inside an epoch).
-    **unused: the image pipeline's other arguments, ignored.
 
   Yields:
     dicts of 'inputs', 'targets' int32, 'mask' float32 [num_local_devices, per_device,
     bptt] and 'reset' float32 [num_local_devices, per_device].
+
+  Raises:
+    ValueError: for a `global_batch_size` that the devices do not divide.
   """
-  del epoch, unused
+  del epoch
   import jax
 
   if num_local_devices is None:
     num_local_devices = jax.local_device_count()
-  streams = split_streams(config, split)
+  streams = split_streams(dataset, split, batch_size=global_batch_size, data_dir=data_dir)
   rows = streams.shape[0]
   num_devices = jax.process_count() * num_local_devices
   if rows % num_devices:
-    field = 'batch_size' if split == 'train' else 'eval_batch_size'
     raise ValueError(
-      f'config.{field} must be a multiple of the device count {num_devices}, got '
-      f'config.{field}={rows}.'
+      f'global_batch_size must be a multiple of the device count {num_devices}, got '
+      f'global_batch_size={rows}.'
     )
   local = rows // jax.process_count()
   streams = streams[jax.process_index() * local : (jax.process_index() + 1) * local]
-  passes = num_windows(streams, config.bptt)
-  stop = steps_per_epoch(config) if split == 'train' else steps_per_eval(config, split)
+  passes = num_windows(streams, bptt)
+  if split == 'train':
+    stop = steps_per_epoch(dataset, batch_size=rows, bptt=bptt, steps=num_steps, data_dir=data_dir)
+  else:
+    stop = steps_per_eval(
+      dataset, split, batch_size=rows, bptt=bptt, steps=num_steps, data_dir=data_dir
+    )
   for step in range(start_step, stop):
-    window = next(bptt_windows(streams, config.bptt, start=step % passes, stop=step % passes + 1))
+    window = next(bptt_windows(streams, bptt, start=step % passes, stop=step % passes + 1))
     window['reset'] = np.full([local], float(step % passes == 0), np.float32)
     yield {k: v.reshape(num_local_devices, -1, *v.shape[1:]) for k, v in window.items()}

@@ -84,7 +84,7 @@ def create_model(config: ml_collections.ConfigDict, *, axis_name: str | None = N
   statistics over groups of `config.batch_norm_group_size` examples (0: the whole batch)."""
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   if schema.is_language_model(config):
-    corpus = text_pipeline.load_corpus(config.dataset, config.get('data_dir'))
+    corpus = text_pipeline.load_corpus(config.dataset, config.data_dir)
     return language_model.AWDLSTM(
       corpus.vocab_size,
       embedding_size=config.embedding_size,
@@ -537,7 +537,12 @@ def train_epoch(
     for key, values in (step_metrics or empty_step_metrics(config, steps_per_epoch)).items()
   }
   batches = _pipeline(config).create_input_iter(
-    config, 'train', epoch=epoch, global_batch_size=config.batch_size, start_step=start_step
+    split='train',
+    epoch=epoch,
+    global_batch_size=config.batch_size,
+    num_steps=config.steps_per_epoch,
+    start_step=start_step,
+    **pipeline_args(config),
   )
   show = config.progress_bar and jax.process_index() == 0
   progress = tqdm.tqdm(
@@ -635,7 +640,11 @@ def evaluate(
   if schema.is_language_model(config):
     return _evaluate_language_model(parallel, state, config, split)
   batches = input_pipeline.create_input_iter(
-    config, split, epoch=0, global_batch_size=config.batch_size, evaluation=True
+    split=split,
+    global_batch_size=config.batch_size,
+    num_steps=config.steps_per_eval,
+    evaluation=True,
+    **pipeline_args(config),
   )
   sums = [parallel.eval_step(state, parallel.put_batch(batch)) for batch in batches]
   totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get_metrics(sums))
@@ -651,7 +660,13 @@ def _evaluate_language_model(
     jax.tree.map(lambda x: np.zeros((config.eval_batch_size, x.shape[-1]), x.dtype), state.carry)
   )
   sums = []
-  for batch in text_pipeline.create_input_iter(config, split):
+  batches = text_pipeline.create_input_iter(
+    split=split,
+    global_batch_size=config.eval_batch_size,
+    num_steps=config.steps_per_eval,
+    **pipeline_args(config),
+  )
+  for batch in batches:
     window = parallel.eval_step(state.replace(carry=carry), parallel.put_batch(batch))
     carry = window.pop('carry')
     sums.append(window)
@@ -663,6 +678,24 @@ def _evaluate_language_model(
 def _pipeline(config: ml_collections.ConfigDict) -> Any:
   """The module that reads `config.dataset`: text_pipeline or input_pipeline."""
   return text_pipeline if schema.is_language_model(config) else input_pipeline
+
+
+def dataset_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's fields that name the data: the keyword arguments of
+  `input_pipeline.dataset_info`, or of the corpus functions of `text_pipeline`."""
+  fields = ['dataset', 'data_dir']
+  if not schema.is_language_model(config):
+    fields += ['image_size', 'num_channels', 'num_classes']
+    fields += ['synthetic_train_size', 'synthetic_test_size']
+  return {field: config[field] for field in fields}
+
+
+def pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's keyword arguments of `_pipeline(config).create_input_iter`, besides
+  the split, the batch size and the steps."""
+  if schema.is_language_model(config):
+    return {**dataset_args(config), 'bptt': config.bptt}
+  return {**dataset_args(config), 'seed': config.seed, 'cache': config.cache}
 
 
 def _thermostat_rho(state: TrainState) -> float | None:
@@ -710,15 +743,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   language = schema.is_language_model(config)
   if language:
     image_shape = ()
-    steps_per_epoch = text_pipeline.steps_per_epoch(config)
+    steps_per_epoch = text_pipeline.steps_per_epoch(
+      batch_size=config.batch_size,
+      bptt=config.bptt,
+      steps=config.steps_per_epoch,
+      **dataset_args(config),
+    )
   else:
-    info = input_pipeline.dataset_info(config)
+    info = input_pipeline.dataset_info(**dataset_args(config))
     if info.num_classes != config.num_classes:
       raise schema.invalid_field(
         'num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}'
       )
     image_shape = info.image_shape
-    steps_per_epoch = input_pipeline.steps_per_epoch(config, info, config.batch_size)
+    steps_per_epoch = input_pipeline.steps_per_epoch(
+      info, config.batch_size, config.steps_per_epoch
+    )
   # The stored config says how long an epoch was, so that a changed data set shows too.
   config.steps_per_epoch = steps_per_epoch
   # Before anything is compiled: a resume must not change the trajectory.

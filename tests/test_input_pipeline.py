@@ -12,39 +12,41 @@ whole split for every process slice).
 
 import contextlib
 import functools
+import hashlib
+import inspect
 import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import flags
+from ml_collections import config_flags
 
-from examples import input_pipeline
+from examples import input_pipeline, train
+from examples.configs import default
 
 NUM_MOCK_EXAMPLES = 10
 
 
-def _config(dataset: str, **overrides) -> ml_collections.ConfigDict:
-  fields = {
-    'dataset': dataset,
-    'data_dir': None,
-    'image_size': 32,
-    'seed': 0,
-    'steps_per_epoch': -1,
-    'steps_per_eval': -1,
-  }
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+def _config(dataset: str, **overrides) -> dict:
+  """Keyword arguments of `create_input_iter`: `dataset` and `overrides`."""
+  return {'dataset': dataset, **overrides}
+
+
+def _info(config: dict) -> input_pipeline.DatasetInfo:
+  """`dataset_info` for the `create_input_iter` arguments `config`."""
+  fields = {k: v for k, v in config.items() if k not in ('seed', 'cache', 'num_steps')}
+  return input_pipeline.dataset_info(**fields)
 
 
 @contextlib.contextmanager
 def _mock_tfds(data_dir: str, name: str):
   """Mocks `name` as prepared in `data_dir`, NUM_MOCK_EXAMPLES per split."""
   builder = tfds.builder(name, data_dir=data_dir)
-  splits = input_pipeline._TFDS_SPLITS[name].values()
+  splits = input_pipeline.DATASETS[name].tfds_splits.values()
   builder.info.set_splits(
     tfds.core.SplitDict(
       [
@@ -64,11 +66,11 @@ def _mock_tfds(data_dir: str, name: str):
 def _epoch(config, split='train', *, epoch=0, global_batch_size=4, num_local_devices=1):
   return list(
     input_pipeline.create_input_iter(
-      config,
-      split,
+      split=split,
       epoch=epoch,
       global_batch_size=global_batch_size,
       num_local_devices=num_local_devices,
+      **config,
     )
   )
 
@@ -107,7 +109,7 @@ def _check_test_batches(batches, *, num_batches, num_local_devices, per_device, 
 def test_cifar10(tmp_path):
   config = _config('cifar10', data_dir=str(tmp_path))
   with _mock_tfds(str(tmp_path), 'cifar10'):
-    info = input_pipeline.dataset_info(config)
+    info = _info(config)
     assert info == input_pipeline.DatasetInfo(
       num_train=NUM_MOCK_EXAMPLES,
       num_test=NUM_MOCK_EXAMPLES,
@@ -181,7 +183,7 @@ def test_imagenet2012(tmp_path):
   # The mock is stored as TFRecord: random access needs it in memory.
   config = _config('imagenet2012', data_dir=str(tmp_path), image_size=32, cache=True)
   with _mock_tfds(str(tmp_path), 'imagenet2012'):
-    info = input_pipeline.dataset_info(config)
+    info = _info(config)
     assert info == input_pipeline.DatasetInfo(
       num_train=NUM_MOCK_EXAMPLES,
       num_test=NUM_MOCK_EXAMPLES,
@@ -222,10 +224,10 @@ def test_unprepared_dataset_fails_fast(tmp_path, name):
   config = _config(name, data_dir=str(tmp_path))
   start = time.monotonic()
   with pytest.raises(FileNotFoundError) as info_error:
-    input_pipeline.dataset_info(config)
+    _info(config)
   with pytest.raises(FileNotFoundError) as iter_error:
     input_pipeline.create_input_iter(
-      config, 'train', epoch=0, global_batch_size=4, num_local_devices=1
+      split='train', epoch=0, global_batch_size=4, num_local_devices=1, **config
     )
   assert time.monotonic() - start < 10.0
   for error in (info_error, iter_error):
@@ -242,7 +244,7 @@ def test_unprepared_dataset_fails_fast(tmp_path, name):
 
 def test_digits():
   config = _config('digits')
-  info = input_pipeline.dataset_info(config)
+  info = _info(config)
   assert info == input_pipeline.DatasetInfo(
     num_train=1437, num_test=360, num_classes=10, image_shape=(8, 8, 1)
   )
@@ -260,7 +262,7 @@ def test_digits():
   # By default the batch is split over all local devices.
   num_devices = jax.local_device_count()
   batch = next(
-    input_pipeline.create_input_iter(config, 'train', epoch=0, global_batch_size=4 * num_devices)
+    input_pipeline.create_input_iter('digits', 'train', global_batch_size=4 * num_devices)
   )
   assert batch['image'].shape == (num_devices, 4, 8, 8, 1)
 
@@ -284,7 +286,7 @@ def test_synthetic_is_deterministic():
     'synthetic_test_size': 20,
   }
   config = _config('synthetic', **fields)
-  info = input_pipeline.dataset_info(config)
+  info = _info(config)
   assert info == input_pipeline.DatasetInfo(
     num_train=64, num_test=20, num_classes=4, image_shape=(8, 8, 3)
   )
@@ -325,7 +327,7 @@ def test_synthetic_is_deterministic():
 
 def test_steps_per_epoch_beyond_one_pass():
   config = _config(
-    'synthetic', image_size=4, synthetic_train_size=64, synthetic_test_size=8, steps_per_epoch=6
+    'synthetic', image_size=4, synthetic_train_size=64, synthetic_test_size=8, num_steps=6
   )
   batches = _epoch(config, global_batch_size=16)
   assert len(batches) == 6
@@ -334,7 +336,7 @@ def test_steps_per_epoch_beyond_one_pass():
   assert len(np.unique(images[:64], axis=0)) == 64
   assert len(np.unique(images, axis=0)) == 64
   assert not np.array_equal(images[:32], images[64:])
-  config.steps_per_eval = 5
+  config['num_steps'] = 5
   assert len(_epoch(config, 'test', global_batch_size=16)) == 5
 
 
@@ -342,13 +344,15 @@ def test_steps():
   info = input_pipeline.DatasetInfo(
     num_train=100, num_test=30, num_classes=10, image_shape=(4,) * 3
   )
-  config = _config('synthetic')
-  assert input_pipeline.steps_per_epoch(config, info, 16) == 6
-  assert input_pipeline.steps_per_eval(config, info, 16) == 2
-  config.steps_per_epoch = 3
-  config.steps_per_eval = 1
-  assert input_pipeline.steps_per_epoch(config, info, 16) == 3
-  assert input_pipeline.steps_per_eval(config, info, 16) == 1
+  assert input_pipeline.steps_per_epoch(info, 16) == 6
+  assert input_pipeline.steps_per_eval(info, 16) == 2
+  for unset in (-1, 0, None):
+    assert input_pipeline.steps_per_epoch(info, 16, unset) == 6
+    assert input_pipeline.steps_per_eval(info, 16, unset) == 2
+  assert input_pipeline.steps_per_epoch(info, 16, 3) == 3
+  assert input_pipeline.steps_per_eval(info, 16, 1) == 1
+  with pytest.raises(ValueError, match='batch_size=128 exceeds the 100 training examples'):
+    input_pipeline.steps_per_epoch(info, 128)
 
 
 def test_process_slices(monkeypatch):
@@ -372,19 +376,18 @@ def test_process_slices(monkeypatch):
 
 
 def test_batch_size_must_divide_devices():
-  config = _config('digits')
   with pytest.raises(ValueError, match=r'batch_size=6 .*device count 4'):
-    input_pipeline.create_input_iter(
-      config, 'train', epoch=0, global_batch_size=6, num_local_devices=4
-    )
+    input_pipeline.create_input_iter('digits', 'train', global_batch_size=6, num_local_devices=4)
 
 
 def test_unknown_dataset_and_split():
   with pytest.raises(ValueError, match='cifar10, imagenet2012, digits, synthetic'):
-    input_pipeline.dataset_info(_config('mnist'))
+    input_pipeline.dataset_info('mnist')
+  with pytest.raises(ValueError, match='cifar10, imagenet2012, digits, synthetic'):
+    input_pipeline.create_input_iter('mnist', 'train', global_batch_size=4)
   with pytest.raises(ValueError, match='validation'):
     input_pipeline.create_input_iter(
-      _config('digits'), 'validation', epoch=0, global_batch_size=4, num_local_devices=1
+      'digits', 'validation', epoch=0, global_batch_size=4, num_local_devices=1
     )
 
 
@@ -398,12 +401,12 @@ def _process_batches(config, *, processes, devices_per_process, epoch=0, start_s
       per_process.append(
         list(
           input_pipeline.create_input_iter(
-            config,
-            'train',
+            split='train',
             epoch=epoch,
             global_batch_size=8,
             num_local_devices=devices_per_process,
             start_step=start_step,
+            **config,
           )
         )
       )
@@ -416,7 +419,7 @@ def _process_batches(config, *, processes, devices_per_process, epoch=0, start_s
 def test_the_global_batches_do_not_depend_on_the_process_count(tmp_path):
   # CIFAR-10's augmentation included: each example's shift and flip are keyed by its
   # position in the epoch, not by the process that reads it.
-  config = _config('cifar10', data_dir=str(tmp_path), steps_per_epoch=3)
+  config = _config('cifar10', data_dir=str(tmp_path), num_steps=3)
   with _mock_tfds(str(tmp_path), 'cifar10'):
     one = _process_batches(config, processes=1, devices_per_process=8)
     two = _process_batches(config, processes=2, devices_per_process=4)
@@ -450,3 +453,153 @@ def test_a_tfrecord_split_out_of_memory_cannot_be_trained_on(tmp_path):
     pytest.raises(ValueError, match='--file_format=array_record'),
   ):
     _epoch(config)
+
+
+def _digest(batches) -> str:
+  """The first 16 hex digits of the SHA-256 of every batch's arrays, in order."""
+  digest = hashlib.sha256()
+  for batch in batches:
+    for key in sorted(batch):
+      digest.update(key.encode())
+      digest.update(np.ascontiguousarray(batch[key]).tobytes())
+  return digest.hexdigest()[:16]
+
+
+# The digests of these batches as the pipeline has produced them since the trainer's
+# results were recorded: any change to a batch, bit for bit, changes a digest.
+PINNED_BATCHES = {
+  'digits_train': '6da04ce2c009efa0',
+  'digits_train_resumed': '942d3dc43f2b8990',
+  'digits_test': 'e67f27e91e9bcb09',
+  'digits_train_evaluation': '7294386c54b50b6b',
+  'synthetic_train': '511b9f93d9b8224c',
+  'synthetic_test': '6d6b717b6db5b807',
+  'cifar10_train': '407b694b5ef043f2',
+  'cifar10_test': '60624121975ad425',
+}
+
+
+def test_batches_are_pinned(tmp_path):
+  digits = functools.partial(
+    input_pipeline.create_input_iter, 'digits', seed=3, global_batch_size=64, num_local_devices=2
+  )
+  synthetic = functools.partial(
+    input_pipeline.create_input_iter,
+    'synthetic',
+    seed=5,
+    image_size=6,
+    num_channels=3,
+    num_classes=4,
+    synthetic_train_size=64,
+    synthetic_test_size=20,
+    global_batch_size=16,
+    num_local_devices=1,
+  )
+  cifar10 = functools.partial(
+    input_pipeline.create_input_iter,
+    'cifar10',
+    data_dir=str(tmp_path),
+    seed=7,
+    global_batch_size=4,
+    num_local_devices=2,
+  )
+  digests = {
+    'digits_train': _digest(digits('train', epoch=1)),
+    'digits_train_resumed': _digest(digits('train', epoch=1, start_step=20)),
+    'digits_test': _digest(digits('test')),
+    'digits_train_evaluation': _digest(digits('train', evaluation=True, num_local_devices=1)),
+    'synthetic_train': _digest(synthetic('train', epoch=2, num_steps=6)),
+    'synthetic_test': _digest(synthetic('test', num_steps=1)),
+  }
+  with _mock_tfds(str(tmp_path), 'cifar10'):
+    digests['cifar10_train'] = _digest(cifar10('train', epoch=1))
+    digests['cifar10_test'] = _digest(cifar10('test'))
+  assert digests == PINNED_BATCHES
+
+
+def test_the_pipeline_fields_are_set_from_the_command_line_on_a_locked_config():
+  argv = [
+    'main',
+    '--config.dataset=synthetic',
+    '--config.cache=false',
+    '--config.data_dir=/data',
+    '--config.num_channels=3',
+    '--config.synthetic_train_size=64',
+    '--config.synthetic_test_size=8',
+  ]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_dict(
+    'config', default.get_config(), flag_values=flag_values, sys_argv=argv
+  )
+  flag_values(argv)
+  config = flag_values.config
+  assert config.is_locked
+  with pytest.raises(AttributeError):
+    config.no_such_field = 1
+  args = train.pipeline_args(config)
+  assert args == {
+    'dataset': 'synthetic',
+    'data_dir': '/data',
+    'image_size': 8,
+    'num_channels': 3,
+    'num_classes': 10,
+    'synthetic_train_size': 64,
+    'synthetic_test_size': 8,
+    'seed': 0,
+    'cache': False,
+  }
+  # The config sets every argument of the pipeline but those of a call.
+  per_call = {'split', 'global_batch_size', 'num_steps', 'epoch', 'start_step'}
+  per_call |= {'num_local_devices', 'evaluation'}
+  parameters = inspect.signature(input_pipeline.create_input_iter).parameters
+  assert set(parameters) == set(args) | per_call
+  info = input_pipeline.dataset_info(**train.dataset_args(config))
+  assert info == input_pipeline.DatasetInfo(
+    num_train=64, num_test=8, num_classes=10, image_shape=(8, 8, 3)
+  )
+  # Unset, the cache is the dataset's default.
+  assert train.pipeline_args(default.get_config())['cache'] is None
+
+
+def test_a_dataset_is_one_entry_in_the_registry(monkeypatch):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(30, 2, 2, 1), dtype=np.uint8)
+  labels = np.arange(30, dtype=np.int32) % 3
+  arrays = {'train': (images[:20], labels[:20]), 'test': (images[20:], labels[20:])}
+  spec = input_pipeline.DatasetSpec(
+    image_shape=lambda options: (2, 2, 1),
+    preprocess=lambda options: (input_pipeline._to_float, input_pipeline._to_float),
+    arrays=lambda options: arrays,
+    num_classes=lambda options: 3,
+  )
+  monkeypatch.setitem(input_pipeline.DATASETS, 'tiny', spec)
+  assert input_pipeline.dataset_info('tiny') == input_pipeline.DatasetInfo(
+    num_train=20, num_test=10, num_classes=3, image_shape=(2, 2, 1)
+  )
+  train = _epoch(_config('tiny'), global_batch_size=5)
+  assert len(train) == 4
+  # One permutation of the training split, scaled to [0, 1].
+  np.testing.assert_array_equal(
+    np.sort(_stack(train, 'image').reshape(-1)),
+    np.sort(images[:20].reshape(-1).astype(np.float32) / np.float32(255)),
+  )
+  test = _epoch(_config('tiny'), 'test', global_batch_size=4)
+  assert (
+    _check_test_batches(
+      test, num_batches=3, num_local_devices=1, per_device=4, image_shape=(2, 2, 1)
+    )
+    == 10
+  )
+  np.testing.assert_array_equal(_stack(test, 'label')[:10], labels[20:])
+
+
+def test_a_spec_reads_from_tfds_or_from_arrays():
+  shape = {'image_shape': lambda options: (2, 2, 1), 'preprocess': lambda options: None}
+  with pytest.raises(ValueError, match='exactly one of tfds_splits and arrays'):
+    input_pipeline.DatasetSpec(**shape)
+  with pytest.raises(ValueError, match='exactly one of tfds_splits and arrays'):
+    input_pipeline.DatasetSpec(
+      **shape, tfds_splits={'train': 'train', 'test': 'test'}, arrays=lambda options: {}
+    )
+  with pytest.raises(ValueError, match='needs num_classes'):
+    input_pipeline.DatasetSpec(**shape, arrays=lambda options: {})

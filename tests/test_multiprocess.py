@@ -265,8 +265,8 @@ def test_nan_batch_mid_epoch_is_skipped_and_training_goes_on(tmp_path, monkeypat
   # that step is skipped and counted, and the run goes on with finite values.
   create_input_iter = input_pipeline.create_input_iter
 
-  def poisoned(config, split, *, epoch, **kwargs):
-    for i, batch in enumerate(create_input_iter(config, split, epoch=epoch, **kwargs)):
+  def poisoned(*, split, epoch=0, **kwargs):
+    for i, batch in enumerate(create_input_iter(split=split, epoch=epoch, **kwargs)):
       if split == 'train' and epoch == 0 and i == 1:
         batch = {**batch, 'image': batch['image'].copy()}
         batch['image'][0, 0, 0, 0, 0] = np.nan

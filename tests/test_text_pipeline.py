@@ -1,6 +1,8 @@
 """Tests for the text corpora and the BPTT batching of the language-model trainer."""
 
-import ml_collections
+import functools
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -119,29 +121,21 @@ def test_bptt_windows_cover_every_target_once():
     next(tp.bptt_windows(streams, 0))
 
 
-def _config(tmp_path, **fields):
+def _corpus(tmp_path) -> dict:
+  """The arguments that name a corpus of 60 training tokens, in windows of 3."""
   _write_ptb(tmp_path, {**SMALL, 'train': SMALL['train'] * 4})
-  config = ml_collections.ConfigDict(
-    {
-      'dataset': 'ptb',
-      'data_dir': str(tmp_path),
-      'batch_size': 4,
-      'eval_batch_size': 2,
-      'bptt': 3,
-      'steps_per_epoch': -1,
-      'steps_per_eval': -1,
-    }
-  )
-  config.update(fields)
-  return config
+  return {'dataset': 'ptb', 'data_dir': str(tmp_path), 'bptt': 3}
 
 
 def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
-  config = _config(tmp_path)
-  streams = tp.split_streams(config, 'train')
+  corpus = _corpus(tmp_path)
+  streams = tp.split_streams('ptb', 'train', batch_size=4, data_dir=str(tmp_path))
   assert streams.shape == (4, 15)  # 60 training tokens in 4 streams
-  assert tp.steps_per_epoch(config) == tp.num_windows(streams, 3) == 5
-  windows = list(tp.create_input_iter(config, 'train', epoch=3, num_local_devices=2))
+  assert tp.steps_per_epoch(batch_size=4, **corpus) == tp.num_windows(streams, 3) == 5
+  assert tp.steps_per_epoch(batch_size=4, steps=2, **corpus) == 2
+  windows = list(
+    tp.create_input_iter(split='train', global_batch_size=4, epoch=3, num_local_devices=2, **corpus)
+  )
   assert len(windows) == 5
   expected = list(tp.bptt_windows(streams, 3))
   for window, reference in zip(windows, expected, strict=True):
@@ -151,22 +145,70 @@ def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
   assert [float(w['reset'].max()) for w in windows] == [1, 0, 0, 0, 0]
   assert all(w['reset'].min() == w['reset'].max() for w in windows)
   # Resuming inside the epoch yields the rest of the same windows.
-  rest = list(tp.create_input_iter(config, 'train', num_local_devices=2, start_step=3))
+  rest = list(
+    tp.create_input_iter(
+      split='train', global_batch_size=4, num_local_devices=2, start_step=3, **corpus
+    )
+  )
   np.testing.assert_array_equal(rest[0]['targets'], windows[3]['targets'])
   assert len(rest) == 2
   # An epoch longer than a pass starts the streams again, from a reset state.
   longer = list(
-    tp.create_input_iter(_config(tmp_path, steps_per_epoch=7), 'train', num_local_devices=1)
+    tp.create_input_iter(
+      split='train', global_batch_size=4, num_steps=7, num_local_devices=1, **corpus
+    )
   )
   assert [float(w['reset'].max()) for w in longer] == [1, 0, 0, 0, 0, 1, 0]
   np.testing.assert_array_equal(longer[5]['inputs'], longer[0]['inputs'])
 
 
 def test_trainer_evaluation_windows(tmp_path):
-  config = _config(tmp_path, steps_per_eval=1)
-  assert tp.steps_per_eval(_config(tmp_path), 'valid') == 1  # 4 tokens in 2 streams
-  (window,) = tp.create_input_iter(config, 'valid', num_local_devices=1)
+  corpus = _corpus(tmp_path)
+  # 4 tokens in 2 streams: one window.
+  assert tp.steps_per_eval(split='valid', batch_size=2, **corpus) == 1
+  assert tp.steps_per_eval(split='valid', batch_size=2, steps=5, **corpus) == 1
+  (window,) = tp.create_input_iter(
+    split='valid', global_batch_size=2, num_steps=1, num_local_devices=1, **corpus
+  )
   assert window['inputs'].shape == (1, 2, 3)
   np.testing.assert_array_equal(window['mask'][0], [[1, 0, 0], [1, 0, 0]])
-  with pytest.raises(ValueError, match=r'config\.eval_batch_size must be a multiple of the'):
-    next(tp.create_input_iter(config, 'test', num_local_devices=4))
+  with pytest.raises(ValueError, match=r'global_batch_size must be a multiple of the'):
+    next(tp.create_input_iter(split='test', global_batch_size=2, num_local_devices=4, **corpus))
+
+
+def _digest(windows) -> str:
+  """The first 16 hex digits of the SHA-256 of every window's arrays, in order."""
+  digest = hashlib.sha256()
+  for window in windows:
+    for key in sorted(window):
+      digest.update(key.encode())
+      digest.update(np.ascontiguousarray(window[key]).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def test_trainer_windows_are_pinned(tmp_path):
+  """The windows of a seeded random corpus, bit for bit as the trainer has read them."""
+  rng = np.random.default_rng(0)
+  for name, lines in (('train', 120), ('valid', 20), ('test', 20)):
+    text = [
+      ' '.join(f'w{i}' for i in rng.integers(0, 40, rng.integers(2, 12))) for _ in range(lines)
+    ]
+    (tmp_path / f'ptb.{name}.txt').write_text('\n'.join(text) + '\n')
+  windows = functools.partial(tp.create_input_iter, 'ptb', data_dir=str(tmp_path), bptt=7)
+  corpus = {'dataset': 'ptb', 'data_dir': str(tmp_path), 'bptt': 7}
+  assert tp.steps_per_epoch(batch_size=8, **corpus) == 17
+  assert tp.steps_per_eval(split='valid', batch_size=4, **corpus) == 6
+  digests = {
+    'train': _digest(windows('train', global_batch_size=8, num_local_devices=2)),
+    'valid': _digest(windows('valid', global_batch_size=4, num_local_devices=1)),
+    'train_resumed_longer': _digest(
+      windows('train', global_batch_size=8, num_steps=25, num_local_devices=1, start_step=3)
+    ),
+    'test_part': _digest(windows('test', global_batch_size=4, num_steps=2, num_local_devices=2)),
+  }
+  assert digests == {
+    'train': '33bbc6b4d6fd69d8',
+    'valid': 'f7a38df30b247868',
+    'train_resumed_longer': 'ab3193b9b7ae31e8',
+    'test_part': 'ed3a78eb593f1d17',
+  }

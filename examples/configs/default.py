@@ -21,10 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Model and data.
   config.model = 'cnn'  # 'cnn', 'resnet20' or 'efficientnet_b0'.
   config.dataset = 'digits'  # 'digits', 'cifar10', 'imagenet2012' or 'synthetic'.
-  config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir.
+  # TFDS data_dir (the PTB files' directory for 'ptb'); None: TFDS' default.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
+  # Keep the splits in memory across epochs; None: the dataset's default (all but ImageNet).
+  config.cache = ml_collections.config_dict.placeholder(bool)
   config.num_classes = 10
   config.image_size = 8
   config.num_channels = 1  # Synthetic data only.
+  config.synthetic_train_size = 1024  # Synthetic data only: examples in the train split.
+  config.synthetic_test_size = 256  # Synthetic data only: examples in the test split.
   config.label_smoothing = 0.0
 
   # Length of a run. steps_per_epoch / steps_per_eval = -1: derived from the dataset.
