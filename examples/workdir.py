@@ -18,6 +18,8 @@ from typing import Any
 import ml_collections
 from matplotlib.figure import Figure
 
+from examples.configs import default
+
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
@@ -79,11 +81,14 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: listing every field outside `HARMLESS_FIELDS` whose stored and new
-      values differ.
+      values differ. A field that the stored config lacks (it was declared later)
+      counts as stored with its default of `examples/configs/default.py`.
   """
   stored = read_config(workdir)
   if stored is None:
     return
+  # A field declared after the run was stored held its default then.
+  stored = {**config_dict(default.get_config()), **stored}
   new = config_dict(config)
   differences = [
     (field, stored.get(field, _ABSENT), new.get(field, _ABSENT))

@@ -351,6 +351,18 @@ def test_resume_with_another_trajectory_is_refused(tmp_path, monkeypatch):
   state = train.train_and_evaluate(harmless, str(tmp_path))
   assert int(state.step) == 6
 
+  # A run stored before a field was declared resumes when the field keeps its default.
+  del stored['synthetic_train_size']
+  stored['gradient_clip'] = 0.5
+  with open(tmp_path / workdir.CONFIG_FILE, 'w') as f:
+    json.dump(stored, f)
+  with pytest.raises(ValueError, match=r'config\.gradient_clip: stored 0\.5, new 0\.0'):
+    train.train_and_evaluate(harmless, str(tmp_path))
+  del stored['gradient_clip']
+  with open(tmp_path / workdir.CONFIG_FILE, 'w') as f:
+    json.dump(stored, f)
+  assert int(train.train_and_evaluate(harmless, str(tmp_path)).step) == 6
+
   monkeypatch.setattr(train, 'create_model', no_compiling)
   changed = _digits(optimizer='momentum', num_epochs=4, seed=3)
   changed.optimizers.momentum.learning_rate = 0.02
