@@ -61,7 +61,6 @@ Config fields read:
   256).
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -101,18 +100,6 @@ DIGITS_TEST_SIZE = 360
 _CACHE_BY_DEFAULT = {'cifar10': True, 'imagenet2012': False, 'digits': True, 'synthetic': True}
 
 Example = dict[str, tf.Tensor]
-
-
-def _hide_gpus_from_tf() -> None:
-  # The pipeline runs on the host; a TensorFlow that grabs the GPU would take
-  # the memory JAX needs. main.py does this too, before anything else.
-  # A RuntimeError means TensorFlow's devices are already initialized; there is
-  # nothing left to do here then.
-  with contextlib.suppress(RuntimeError):
-    tf.config.experimental.set_visible_devices([], 'GPU')
-
-
-_hide_gpus_from_tf()
 
 
 @dataclasses.dataclass(frozen=True)

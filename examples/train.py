@@ -12,8 +12,9 @@ checkpoint (at every epoch's end, and every `checkpoint_every_steps` steps) exac
 an uninterrupted run would be.
 
 The workdir receives, from process 0, `config.json`, `metrics.jsonl` (one row per
-epoch) and `curves.png` (the paper's training loss, test accuracy and kinetic
-temperature), and, from all processes together, the orbax checkpoints, named by step.
+epoch), `curves.png` (the paper's training loss, test accuracy and kinetic
+temperature) and TensorBoard event files (examples/logs.py), and, from all processes
+together, the orbax checkpoints, named by step. Process 0 prints a line per epoch.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import coolopt
-from examples import input_pipeline, language_model, models, text_pipeline
+from examples import input_pipeline, language_model, logs, models, text_pipeline
 from examples.workdir import (
   CONFIG_FILE,
   CURVES_FILE,
@@ -269,6 +270,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
   _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
+  _check_number(config, 'log_every_steps', lower=0, integer=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -947,6 +949,7 @@ def train_epoch(
   start_step: int = 0,
   step_metrics: StepMetrics | None = None,
   checkpoint: Callable[[TrainState, int, StepMetrics], None] | None = None,
+  log: Callable[[TrainState, int, StepMetrics], None] | None = None,
 ) -> tuple[TrainState, dict[str, Any], StepMetrics]:
   """The epoch's batches from `start_step` on.
 
@@ -965,6 +968,8 @@ def train_epoch(
     checkpoint: called as `checkpoint(device state, steps taken in the epoch, per-step
       metrics so far)` after every `config.checkpoint_every_steps`-th step of the run,
       except at the epoch's end.
+    log: called as `checkpoint` is, after every `config.log_every_steps`-th step of
+      the run, at the epoch's end too.
   """
   step_metrics = {
     key: np.array(values)
@@ -1008,6 +1013,13 @@ def train_epoch(
       # Reading a loss waits for its step; every 20 steps keeps the devices busy.
       progress.set_postfix(loss=f'{float(parallel.get_metrics(metrics["loss"])):.4f}')
     done = i + 1
+    if (
+      log
+      and config.log_every_steps
+      and (epoch * steps_per_epoch + done) % config.log_every_steps == 0
+    ):
+      read_pending()
+      log(state, done, step_metrics)
     if (
       checkpoint
       and every
@@ -1205,7 +1217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Args:
     config: the experiment config (see examples/configs/default.py); validated first.
-    workdir: where checkpoints, `config.json`, `metrics.jsonl` and `curves.png` go.
+    workdir: where checkpoints, `config.json`, `metrics.jsonl`, `curves.png` and the
+      TensorBoard event files (see examples/logs.py) go.
 
   Returns:
     The final train state, on the host.
@@ -1241,6 +1254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   curves_path = os.path.join(workdir, CURVES_FILE)
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
+  # TensorBoard event files beside metrics.jsonl (see examples/logs.py).
+  writer = logs.create_writer(workdir) if is_writer else None
   manager = _checkpoint_manager(workdir, config)
   host_state = create_train_state(
     jax.random.PRNGKey(config.seed),
@@ -1312,14 +1327,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # The row is written only once its checkpoint is on disk: after a crash the
     # metrics never run ahead of what a resumed run restores.
     manager.wait_until_finished()
+    seconds = row['wall_time'] - (history[-1]['wall_time'] if history else 0.0)
     history.append(row)
     logging.info(
       'epoch %d: ' + ', '.join(f'{k}=%s' for k in row if k != 'epoch'),
       *row.values(),
     )
     if is_writer:
+      print(logs.epoch_line(config.optimizer, row, config.num_epochs, seconds), flush=True)
       write_metrics(metrics_path, history)
       plot_curves({config.optimizer: history}, curves_path)
+      logs.write_epoch(writer, row)
 
   if position.epoch and not position.step_in_epoch and len(history) < position.epoch:
     # Stopped between the checkpoint at an epoch's end and that epoch's row: the
@@ -1336,6 +1354,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def checkpoint(device_state, steps, step_metrics, epoch=epoch):
       save(parallel.get_state(device_state), Position(epoch, steps, step_metrics, wall_time()))
 
+    def log_steps(device_state, steps, step_metrics, epoch=epoch):
+      # The schedules are read at the optimizer's step, as for the epoch's row.
+      cool = _find_states(device_state.opt_state, coolopt.CoolMomentumState)
+      thermostat = _find_states(device_state.opt_state, coolopt.ThermostatState)
+      read = parallel.get_metrics(
+        {
+          'step': cool[0].count if cool else device_state.step,
+          'rho': thermostat[0].rho if thermostat else None,
+        }
+      )
+      rho = float(rho_fn(int(read['step']))) if rho_fn else read['rho']
+      values = logs.step_values(
+        step_metrics,
+        steps,
+        every=config.log_every_steps,
+        rho=None if rho is None else float(rho),
+        learning_rate=float(learning_rate_fn(int(read['step']))),
+      )
+      logs.write_step(writer, epoch * steps_per_epoch + steps, values)
+
     state, summary, step_metrics = train_epoch(
       parallel,
       state,
@@ -1345,6 +1383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       start_step=position.step_in_epoch if partial else 0,
       step_metrics=position.step_metrics if partial else None,
       checkpoint=checkpoint,
+      log=log_steps if is_writer else None,
     )
     host_state = parallel.get_state(state)
     # Saved in the background while the test split is evaluated, with the epoch's
@@ -1352,4 +1391,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     save(host_state, Position(epoch + 1, 0, step_metrics, wall_time()))
     finish_epoch(epoch, host_state, summary)
   manager.close()
+  if is_writer:
+    writer.close()
   return host_state
