@@ -79,6 +79,8 @@ def _main(config: str, workdir, *flags: str) -> list[str]:
     'examples.main',
     f'--config={config}',
     f'--workdir={workdir}',
+    # absl's INFO logs, which the tests read (the processes, the resume).
+    '--verbosity=0',
     *flags,
   ]
 
