@@ -3,6 +3,7 @@
 import glob
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -202,3 +203,44 @@ def test_verbosity_flag_shows_the_library_logs(tmp_path):
   assert 'checkpoint_manager.py' in result.stdout
   assert 'epoch 1: step=2, train_loss=' in result.stdout
   assert 'coolmomentum epoch 1/1: train loss' in result.stdout
+
+
+def _event_files(workdir) -> list[dict[str, dict[int, float]]]:
+  """`_events` of each event file of `workdir`, in the order they were written."""
+  paths = sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*')), key=os.path.getmtime)
+  files = []
+  for path in paths:
+    scalars = {}
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    files.append(scalars)
+  return files
+
+
+def test_a_resumed_run_writes_the_same_points_again(tmp_path):
+  config = digits.get_config()
+  config.update(
+    optimizer='sgd_sa',
+    progress_bar=False,
+    steps_per_epoch=3,
+    steps_per_eval=1,
+    num_epochs=3,
+    log_every_steps=2,
+  )
+  train.train_and_evaluate(config, str(tmp_path))
+  # The last epoch's checkpoint lost: the rerun trains epoch 3 again.
+  shutil.rmtree(tmp_path / train.CHECKPOINT_DIR / '9')
+  train.train_and_evaluate(config, str(tmp_path))
+  first, second = _event_files(tmp_path)
+  # Epoch 3's points (steps 8 and 9 of the run), again and equal; the epoch's
+  # throughput and wall time measure the clock.
+  assert sorted(second['step/loss']) == [8]
+  assert sorted(first['step/loss']) == [2, 4, 6, 8]
+  for tag, points in second.items():
+    if tag in ('epoch/images_per_sec', 'epoch/wall_time'):
+      continue
+    assert set(points) <= set(first[tag]), tag
+    for step, value in points.items():
+      assert value == first[tag][step] or (math.isnan(value) and math.isnan(first[tag][step]))
+  assert sorted(second['epoch/train_loss']) == [9]
