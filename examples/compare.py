@@ -7,7 +7,10 @@ Each optimizer trains into <workdir>/<optimizer>/ with its recipe from
 `config.optimizers` (see examples/configs/default.py), resuming if that directory
 holds a checkpoint. The comparison lands in <workdir>/comparison.md (a table),
 comparison.json and comparison.png (the paper's three panels, all optimizers).
-Takes the same flags as examples.main, multi-process ones included.
+Takes the same flags as examples.main, multi-process and verbosity ones included,
+and prints as it does: a progress bar per epoch on a terminal, one line per epoch of
+each optimizer, then the table. `tensorboard --logdir WORKDIR` shows the optimizers'
+curves side by side (each run's event files are in its directory).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import tensorflow as tf
 from absl import app, flags
 
 from examples import main as trainer_main
@@ -128,11 +130,7 @@ def compare(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tf.config.experimental.set_visible_devices([], 'GPU')
-  trainer_main.set_xla_flags()
-  trainer_main.initialize_distributed(
-    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
+  trainer_main.setup()
   results = compare(FLAGS.config, FLAGS.workdir, FLAGS.optimizers)
   print(markdown_table(results))
 

@@ -59,7 +59,6 @@ The functions take the trainer config's fields of the same names as arguments
 ``steps_per_epoch`` for training and ``steps_per_eval`` for evaluation.
 """
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -90,18 +89,6 @@ Example = dict[str, tf.Tensor]
 TrainFn = Callable[[Example, tf.Tensor], Example]
 EvalFn = Callable[[Example], Example]
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def _hide_gpus_from_tf() -> None:
-  # The pipeline runs on the host; a TensorFlow that grabs the GPU would take
-  # the memory JAX needs. main.py does this too, before anything else.
-  # A RuntimeError means TensorFlow's devices are already initialized; there is
-  # nothing left to do here then.
-  with contextlib.suppress(RuntimeError):
-    tf.config.experimental.set_visible_devices([], 'GPU')
-
-
-_hide_gpus_from_tf()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ Writes <workdir>/lr_find.json (the learning rates, losses and smoothed losses of
 every step, the suggested learning rate and its rule) and <workdir>/lr_find.png (the
 smoothed loss against the learning rate, the suggestion marked), and prints the
 suggestion. Nothing is checkpointed: a training workdir's checkpoints stay as they
-are. Takes the multi-process flags of examples.main.
+are. Takes the multi-process and verbosity flags of examples.main (library logs from
+WARNING on unless `-v 0`), and sets up as it does (`examples.main.setup`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 
@@ -200,10 +200,7 @@ def lr_find(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  tf.config.experimental.set_visible_devices([], 'GPU')
-  trainer_main.initialize_distributed(
-    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
+  trainer_main.setup()
   result = lr_find(
     FLAGS.config,
     FLAGS.workdir,

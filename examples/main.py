@@ -11,6 +11,14 @@ Several processes (hosts, or processes on one machine talking over loopback):
 
 Without these flags JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...)
 sets them where it applies; otherwise the run is a single process.
+
+Output: on a terminal, a progress bar per epoch; one line per epoch (train loss, test
+accuracy or perplexity, rho, kinetic temperature, seconds) from process 0. The
+libraries' logs (orbax's checkpointing, JAX's backends, TensorFlow, absl) show from
+WARNING on; absl's verbosity flag shows more: `-v 0` (`--verbosity=0`) their INFO
+logs and every epoch's whole metrics row, `-v 1` DEBUG. TensorFlow's C++ logs follow
+`TF_CPP_MIN_LOG_LEVEL` (1 unless set: no INFO). The workdir holds TensorBoard event
+files beside metrics.jsonl: `tensorboard --logdir WORKDIR`.
 """
 
 import os
@@ -76,13 +84,32 @@ def initialize_distributed(
     logging.info('No cluster detected (%s); running as a single process.', error)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # TensorFlow only feeds data; it must not take GPU memory from JAX.
+def set_log_levels(verbosity_given: bool) -> None:
+  """Library logs from WARNING on, unless absl's `--verbosity` was given.
+
+  absl's own default verbosity is INFO, at which orbax logs every step of every
+  checkpoint. TensorFlow's C++ logs follow `TF_CPP_MIN_LOG_LEVEL`, read at its first
+  log: 1 (no INFO) unless the environment sets it.
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  if not verbosity_given:
+    logging.set_verbosity(logging.WARNING)
+
+
+def setup(flag_values: flags.FlagValues = FLAGS) -> None:
+  """What each entry point (main, compare, lr_find) does before it touches a device.
+
+  Hides the GPUs from TensorFlow, which only feeds data and must not take GPU memory
+  from JAX; sets `CPU_XLA_FLAGS` (`set_xla_flags`); sets the log levels
+  (`set_log_levels`); starts multi-process JAX (`initialize_distributed`) from the
+  flags `coordinator_address`, `num_processes` and `process_id`.
+  """
   tf.config.experimental.set_visible_devices([], 'GPU')
   set_xla_flags()
-  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  set_log_levels(flag_values['verbosity'].present > 0)
+  initialize_distributed(
+    flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+  )
   logging.info(
     'Process %d of %d, %d local devices of %d: %s',
     jax.process_index(),
@@ -91,6 +118,12 @@ def main(argv: list[str]) -> None:
     jax.device_count(),
     jax.devices()[0].platform,
   )
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  setup()
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

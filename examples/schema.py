@@ -223,3 +223,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
   _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
+  _check_number(config, 'log_every_steps', lower=0, integer=True)

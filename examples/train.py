@@ -24,8 +24,9 @@ checkpoint (at every epoch's end, and every `checkpoint_every_steps` steps) exac
 an uninterrupted run would be.
 
 The workdir receives, from process 0, `config.json`, `metrics.jsonl` (one row per
-epoch) and `curves.png` (the paper's training loss, test accuracy and kinetic
-temperature), and, from all processes together, the orbax checkpoints, named by step.
+epoch), `curves.png` (the paper's training loss, test accuracy and kinetic
+temperature) and TensorBoard event files (examples/logs.py), and, from all processes
+together, the orbax checkpoints, named by step. Process 0 prints a line per epoch.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from examples import (
   data_parallel,
   input_pipeline,
   language_model,
+  logs,
   models,
   optimizers,
   schema,
@@ -513,6 +515,7 @@ def train_epoch(
   start_step: int = 0,
   step_metrics: StepMetrics | None = None,
   checkpoint: Callable[[TrainState, int, StepMetrics], None] | None = None,
+  log: Callable[[TrainState, int, StepMetrics], None] | None = None,
 ) -> tuple[TrainState, dict[str, Any], StepMetrics]:
   """The epoch's batches from `start_step` on.
 
@@ -531,6 +534,8 @@ def train_epoch(
     checkpoint: called as `checkpoint(device state, steps taken in the epoch, per-step
       metrics so far)` after every `config.checkpoint_every_steps`-th step of the run,
       except at the epoch's end.
+    log: called as `checkpoint` is, after every `config.log_every_steps`-th step of
+      the run, at the epoch's end too.
   """
   step_metrics = {
     key: np.array(values)
@@ -579,6 +584,13 @@ def train_epoch(
       # Reading a loss waits for its step; every 20 steps keeps the devices busy.
       progress.set_postfix(loss=f'{float(parallel.get_metrics(metrics["loss"])):.4f}')
     done = i + 1
+    if (
+      log
+      and config.log_every_steps
+      and (epoch * steps_per_epoch + done) % config.log_every_steps == 0
+    ):
+      read_pending()
+      log(state, done, step_metrics)
     if (
       checkpoint
       and every
@@ -698,20 +710,30 @@ def pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {**dataset_args(config), 'seed': config.seed, 'cache': config.cache}
 
 
-def _thermostat_rho(state: TrainState) -> float | None:
-  """The rho of the thermostat's last update, if the optimizer has one."""
-  thermostat = optax.tree_utils.tree_get(state.opt_state, 'ThermostatState')
-  return None if thermostat is None else float(thermostat.rho)
-
-
-def _optimizer_step(state: TrainState) -> int:
-  """The step at which the schedules are read: CoolMomentum's own count if any.
+def _clock(state: TrainState) -> dict[str, Any]:
+  """What the logged rho and learning rate are read from: the optimizer's step
+  (CoolMomentum's own count if any, else the training step) and the thermostat's rho.
 
   Skipped (non-finite) steps leave the optimizer's count behind the training step;
   Metropolis rejections do not (the wrapped optimizer counts every proposal).
   """
   cool = optax.tree_utils.tree_get(state.opt_state, 'CoolMomentumState')
-  return int(state.step) if cool is None else int(cool.count)
+  thermostat = optax.tree_utils.tree_get(state.opt_state, 'ThermostatState')
+  return {
+    'step': state.step if cool is None else cool.count,
+    'rho': None if thermostat is None else thermostat.rho,
+  }
+
+
+def _scheduled(clock: Mapping[str, Any], schedules: optimizers.Schedules) -> dict[str, Any]:
+  """The rho and learning rate of the optimizer's last step from its `_clock` (on the
+  host): the schedules it runs on, read at its step, or the thermostat's rho."""
+  step = int(clock['step'])
+  rho = clock['rho'] if schedules.rho is None else schedules.rho(step)
+  return {
+    'rho': None if rho is None else float(rho),
+    'learning_rate': float(schedules.learning_rate(step)),
+  }
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,7 +751,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Args:
     config: the experiment config (see examples/configs/default.py); validated first.
-    workdir: where checkpoints, `config.json`, `metrics.jsonl` and `curves.png` go.
+    workdir: where checkpoints, `config.json`, `metrics.jsonl`, `curves.png` and the
+      TensorBoard event files (see examples/logs.py) go.
 
   Returns:
     The final train state, on the host.
@@ -772,6 +795,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   curves_path = os.path.join(workdir, CURVES_FILE)
   if is_writer:
     os.makedirs(workdir, exist_ok=True)
+  # TensorBoard event files beside metrics.jsonl (see examples/logs.py).
+  writer = logs.create_writer(workdir) if is_writer else None
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
   host_state = create_train_state(
     jax.random.PRNGKey(config.seed),
@@ -830,29 +855,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         eval_train_loss=train_eval['loss'] + float(penalty),
         eval_train_accuracy=train_eval['accuracy'],
       )
-    optimizer_step = _optimizer_step(host_state)
     row = {
       'epoch': epoch + 1,
       'step': int(host_state.step),
       **summary,
-      'rho': _thermostat_rho(host_state)
-      if schedules.rho is None
-      else float(schedules.rho(optimizer_step)),
-      'learning_rate': float(schedules.learning_rate(optimizer_step)),
+      **_scheduled(_clock(host_state), schedules),
       'wall_time': wall_time(),
     }
     row = {key: finite_or_none(value) for key, value in row.items()}
     # The row is written only once its checkpoint is on disk: after a crash the
     # metrics never run ahead of what a resumed run restores.
     manager.wait_until_finished()
+    seconds = row['wall_time'] - (history[-1]['wall_time'] if history else 0.0)
     history.append(row)
     logging.info(
       'epoch %d: ' + ', '.join(f'{k}=%s' for k in row if k != 'epoch'),
       *row.values(),
     )
     if is_writer:
+      print(logs.epoch_line(config.optimizer, row, config.num_epochs, seconds), flush=True)
       write_metrics(metrics_path, history)
       plot_curves({config.optimizer: history}, curves_path)
+      logs.write_epoch(writer, row)
 
   if position.epoch and not position.step_in_epoch and len(history) < position.epoch:
     # Stopped between the checkpoint at an epoch's end and that epoch's row: the
@@ -870,6 +894,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       saved = checkpoints.Position(epoch, steps, step_metrics, wall_time())
       save(parallel.get_state(device_state), saved)
 
+    def log_steps(device_state, steps, step_metrics, epoch=epoch):
+      # Read as the epoch's row is, from the few leaves of the clock on the host.
+      scheduled = _scheduled(parallel.get_metrics(_clock(device_state)), schedules)
+      values = logs.step_values(step_metrics, steps, every=config.log_every_steps, **scheduled)
+      logs.write_step(writer, epoch * steps_per_epoch + steps, values)
+
     state, summary, step_metrics = train_epoch(
       parallel,
       state,
@@ -879,6 +909,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       start_step=position.step_in_epoch if partial else 0,
       step_metrics=position.step_metrics if partial else None,
       checkpoint=checkpoint,
+      log=log_steps if is_writer else None,
     )
     host_state = parallel.get_state(state)
     # Saved in the background while the test split is evaluated, with the epoch's
@@ -886,4 +917,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     save(host_state, checkpoints.Position(epoch + 1, 0, step_metrics, wall_time()))
     finish_epoch(epoch, host_state, summary)
   manager.close()
+  if is_writer:
+    writer.close()
   return host_state

@@ -33,6 +33,7 @@ HARMLESS_FIELDS = frozenset(
     'progress_bar',
     'checkpoint_max_to_keep',
     'checkpoint_every_steps',
+    'log_every_steps',
     'data_dir',
     'cache',
     'parallelism',

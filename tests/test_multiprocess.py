@@ -79,6 +79,8 @@ def _main(config: str, workdir, *flags: str) -> list[str]:
     'examples.main',
     f'--config={config}',
     f'--workdir={workdir}',
+    # absl's INFO logs, which the tests read (the processes, the resume).
+    '--verbosity=0',
     *flags,
   ]
 
@@ -187,10 +189,21 @@ def test_two_processes_train_as_one_and_one_resumes_them(tmp_path, cache_dir):
   for key in ('train_loss', 'test_loss', 'kinetic_temperature'):
     np.testing.assert_allclose(resumed_rows[1][key], shared_rows[1][key], rtol=1e-4, err_msg=key)
     np.testing.assert_allclose(resumed_rows[1][key], single_rows[1][key], rtol=1e-4, err_msg=key)
-  # Process 1 wrote no metrics of its own: one file, one row per epoch, and no stray
-  # temporary files beside it.
-  assert sorted(os.listdir(shared)) == sorted(os.listdir(single))
+  # Process 1 wrote no metrics of its own: one file, one row per epoch, one event file
+  # (named by its time, host and process), and no stray temporary files beside them.
+  assert _listing(shared) == _listing(single)
+  assert _listing(shared).count(EVENT_FILE) == 1
   assert (shared / checkpoints.CHECKPOINT_DIR / '8').exists()
+
+
+EVENT_FILE = 'events.out.tfevents.*'
+
+
+def _listing(workdir) -> list[str]:
+  """The files of `workdir`, TensorBoard's event files named `EVENT_FILE`."""
+  return sorted(
+    EVENT_FILE if name.startswith(EVENT_FILE[:-1]) else name for name in os.listdir(workdir)
+  )
 
 
 def _checkpoint_steps(workdir) -> list[int]:

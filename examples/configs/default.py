@@ -124,4 +124,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Also checkpoint every this many steps of the run inside epochs (0: at epoch ends only).
   config.checkpoint_every_steps = 0
   config.progress_bar = True
+  # TensorBoard points every this many steps of the run (0: at epoch ends only).
+  config.log_every_steps = 100
   return config

@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.image_size = 8
   config.batch_size = 32
   config.num_epochs = 10
+  config.log_every_steps = 10  # Of 44 steps an epoch.
 
   # The paper's CIFAR-10 values carry over: about 98% test accuracy for seeds 0-2.
   config.optimizer = 'coolmomentum'
