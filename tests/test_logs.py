@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from examples import compare, logs, train
+from examples import checkpoints, compare, logs, train
 from examples.configs import digits
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def test_event_files_hold_each_epochs_row_and_each_steps_metrics(tmp_path):
   assert set(events['epoch/test_accuracy']) == {3, 6}
 
   # Every step: the epoch's per-step metrics, as its checkpoint holds them.
-  manager = ocp.CheckpointManager(os.path.join(tmp_path, train.CHECKPOINT_DIR))
+  manager = ocp.CheckpointManager(os.path.join(tmp_path, checkpoints.CHECKPOINT_DIR))
   for epoch, row in enumerate(rows):
     step_metrics = manager.restore(row['step'], args=ocp.args.StandardRestore())['step_metrics']
     steps = [epoch * steps_per_epoch + i + 1 for i in range(steps_per_epoch)]
@@ -230,7 +230,7 @@ def test_a_resumed_run_writes_the_same_points_again(tmp_path):
   )
   train.train_and_evaluate(config, str(tmp_path))
   # The last epoch's checkpoint lost: the rerun trains epoch 3 again.
-  shutil.rmtree(tmp_path / train.CHECKPOINT_DIR / '9')
+  shutil.rmtree(tmp_path / checkpoints.CHECKPOINT_DIR / '9')
   train.train_and_evaluate(config, str(tmp_path))
   first, second = _event_files(tmp_path)
   # Epoch 3's points (steps 8 and 9 of the run), again and equal; the epoch's
