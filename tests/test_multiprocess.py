@@ -22,11 +22,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from examples import checkpoints, input_pipeline, train
-from tests.test_train import REPO_ROOT, _digits, _rows
+from tests.run_rows import TIMING, read_rows
+from tests.test_train import REPO_ROOT, _digits
 
 TIMEOUT = 300  # Seconds for any one subprocess.
 # Fields that measure time, not training.
-_TIMING = ('images_per_sec', 'wall_time')
 
 # ResNet-20 on a synthetic training set of four global batches: the global batches are
 # a function of (seed, epoch) alone, so one process and two must train alike up to the
@@ -175,7 +175,7 @@ def test_two_processes_train_as_one_and_one_resumes_them(tmp_path, cache_dir):
     )
 
   assert 'Process 1 of 2, 4 local devices of 8' in _log(tmp_path / 'process1.log')
-  shared_rows, single_rows = _rows(shared), _rows(single)
+  shared_rows, single_rows = read_rows(shared), read_rows(single)
   assert [row['epoch'] for row in shared_rows] == [1, 2]
   assert [row['epoch'] for row in single_rows] == [1, 2]
   assert [row['step'] for row in single_rows] == [4, 8]
@@ -184,7 +184,7 @@ def test_two_processes_train_as_one_and_one_resumes_them(tmp_path, cache_dir):
     for key in ('train_loss', 'test_loss'):
       np.testing.assert_allclose(shared_row[key], single_row[key], rtol=1e-4, err_msg=key)
   assert 'Resuming from the checkpoint after epoch 1' in _log(tmp_path / 'resumed.log')
-  resumed_rows = _rows(resumed)
+  resumed_rows = read_rows(resumed)
   assert resumed_rows[0] == shared_rows[0]
   for key in ('train_loss', 'test_loss', 'kinetic_temperature'):
     np.testing.assert_allclose(resumed_rows[1][key], shared_rows[1][key], rtol=1e-4, err_msg=key)
@@ -248,7 +248,7 @@ def test_kill_9_mid_epoch_and_rerun_ends_bitwise_as_an_uninterrupted_run(tmp_pat
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=TIMEOUT) == -signal.SIGKILL
     # The metrics never run ahead of the checkpoints.
-    rows_at_kill = _rows(killed)
+    rows_at_kill = read_rows(killed)
     last_step = _checkpoint_steps(killed)[-1]
     assert all(row['step'] <= last_step for row in rows_at_kill), (rows_at_kill, last_step)
     assert last_step < num_epochs * steps_per_epoch, 'the run ended before it was killed'
@@ -257,11 +257,11 @@ def test_kill_9_mid_epoch_and_rerun_ends_bitwise_as_an_uninterrupted_run(tmp_pat
 
   rerun_log = _log(tmp_path / 'rerun.log')
   assert 'Resuming from the checkpoint after epoch' in rerun_log, (kill_after, rerun_log[-2000:])
-  killed_rows, straight_rows = _rows(killed), _rows(straight)
+  killed_rows, straight_rows = read_rows(killed), read_rows(straight)
   assert [row['epoch'] for row in killed_rows] == list(range(1, num_epochs + 1))
   for killed_row, straight_row in zip(killed_rows, straight_rows, strict=True):
-    assert {k: v for k, v in killed_row.items() if k not in _TIMING} == {
-      k: v for k, v in straight_row.items() if k not in _TIMING
+    assert {k: v for k, v in killed_row.items() if k not in TIMING} == {
+      k: v for k, v in straight_row.items() if k not in TIMING
     }, kill_after
   # The final checkpoints hold bitwise the same state and position; only the training
   # time they record differs.
@@ -287,7 +287,7 @@ def test_nan_batch_mid_epoch_is_skipped_and_training_goes_on(tmp_path, monkeypat
 
   monkeypatch.setattr(input_pipeline, 'create_input_iter', poisoned)
   state = train.train_and_evaluate(_digits(num_epochs=2), str(tmp_path))
-  rows = _rows(tmp_path)
+  rows = read_rows(tmp_path)
   assert [row['skipped_steps'] for row in rows] == [1, 0]
   assert [row['step'] for row in rows] == [3, 6]
   for row in rows:
