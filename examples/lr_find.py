@@ -7,7 +7,8 @@
 Trains the config's model with its optimizer from the initial state while the
 learning rate grows exponentially from `--lr_min` to `--lr_max` over `--num_steps`
 steps (`coolopt.lr_range_schedule`), with the trainer's own jitted step (every model,
-dataset and parallelism of examples/train.py). CoolMomentum's rho stays at rho_0: the
+dataset and parallelism of examples/train.py; the language model carries the LSTM
+state of its streams from window to window). CoolMomentum's rho stays at rho_0: the
 test probes the hot start, before any cooling. The loss is smoothed by a
 bias-corrected moving average and the test stops once it exceeds
 `--divergence_threshold` times its minimum or is not finite.
@@ -35,7 +36,7 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 import coolopt
-from examples import data_parallel, input_pipeline, optimizers, schema, train
+from examples import data_parallel, optimizers, schema, train
 from examples import main as trainer_main
 
 FLAGS = flags.FLAGS
@@ -57,13 +58,7 @@ def _train_batches(config: ml_collections.ConfigDict) -> Iterator[dict[str, np.n
   """The training batches of epoch 0, 1, ... in the trainer's order, without end."""
   epoch = 0
   while True:
-    yield from input_pipeline.create_input_iter(
-      split='train',
-      epoch=epoch,
-      global_batch_size=config.batch_size,
-      num_steps=config.steps_per_epoch,
-      **train.pipeline_args(config),
-    )
+    yield from train.train_batches(config, epoch)
     epoch += 1
 
 
@@ -137,15 +132,17 @@ def lr_find(
   coolopt.smooth_losses([], smoothing)  # Checks the arguments before anything compiles.
   coolopt.divergence_step([], divergence_threshold)
 
-  info = input_pipeline.dataset_info(**train.dataset_args(config))
-  steps_per_epoch = input_pipeline.steps_per_epoch(info, config.batch_size, config.steps_per_epoch)
+  image_shape, steps_per_epoch = train.input_shape_and_steps(config)
+  config.steps_per_epoch = steps_per_epoch
   axis_name = data_parallel.AXIS_NAME if config.parallelism == 'pmap' else None
   model = train.create_model(config, axis_name=axis_name)
   tx, _ = optimizers.create_optimizer(
     config, steps_per_epoch, axis_name=axis_name, learning_rate=schedule, constant_rho=True
   )
+  # A language model carries the LSTM state of its `batch_size` streams.
+  streams = config.batch_size if schema.is_language_model(config) else 0
   host_state = train.create_train_state(
-    jax.random.PRNGKey(config.seed), model, info.image_shape, tx
+    jax.random.PRNGKey(config.seed), model, image_shape, tx, streams=streams
   )
   parallel = train.create_parallel(config, model)
   state = parallel.put_state(host_state)

@@ -35,7 +35,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -541,14 +541,7 @@ def train_epoch(
     key: np.array(values)
     for key, values in (step_metrics or empty_step_metrics(config, steps_per_epoch)).items()
   }
-  batches = _pipeline(config).create_input_iter(
-    split='train',
-    epoch=epoch,
-    global_batch_size=config.batch_size,
-    num_steps=config.steps_per_epoch,
-    start_step=start_step,
-    **pipeline_args(config),
-  )
+  batches = train_batches(config, epoch, start_step)
   show = config.progress_bar and jax.process_index() == 0
   progress = tqdm.tqdm(
     total=steps_per_epoch,
@@ -710,6 +703,46 @@ def pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {**dataset_args(config), 'seed': config.seed, 'cache': config.cache}
 
 
+def input_shape_and_steps(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], int]:
+  """The shape of an image (`()` for a language model, which reads windows of tokens)
+  and the steps of an epoch of `config` (resolved), from its data set.
+
+  Raises:
+    ValueError: if `config.num_classes` is not the data set's.
+  """
+  if schema.is_language_model(config):
+    steps = text_pipeline.steps_per_epoch(
+      batch_size=config.batch_size,
+      bptt=config.bptt,
+      steps=config.steps_per_epoch,
+      **dataset_args(config),
+    )
+    return (), steps
+  info = input_pipeline.dataset_info(**dataset_args(config))
+  if info.num_classes != config.num_classes:
+    raise schema.invalid_field(
+      'num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}'
+    )
+  return info.image_shape, input_pipeline.steps_per_epoch(
+    info, config.batch_size, config.steps_per_epoch
+  )
+
+
+def train_batches(
+  config: ml_collections.ConfigDict, epoch: int, start_step: int = 0
+) -> Iterator[Batch]:
+  """The training batches of `epoch` from its step `start_step` on: this process's
+  rows of the global batches, which do not depend on the processes or devices."""
+  return _pipeline(config).create_input_iter(
+    split='train',
+    epoch=epoch,
+    global_batch_size=config.batch_size,
+    num_steps=config.steps_per_epoch,
+    start_step=start_step,
+    **pipeline_args(config),
+  )
+
+
 def _clock(state: TrainState) -> dict[str, Any]:
   """What the logged rho and learning rate are read from: the optimizer's step
   (CoolMomentum's own count if any, else the training step) and the thermostat's rho.
@@ -764,24 +797,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   schema.validate_config(config)
   config = schema.resolve_config(config)
   language = schema.is_language_model(config)
-  if language:
-    image_shape = ()
-    steps_per_epoch = text_pipeline.steps_per_epoch(
-      batch_size=config.batch_size,
-      bptt=config.bptt,
-      steps=config.steps_per_epoch,
-      **dataset_args(config),
-    )
-  else:
-    info = input_pipeline.dataset_info(**dataset_args(config))
-    if info.num_classes != config.num_classes:
-      raise schema.invalid_field(
-        'num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}'
-      )
-    image_shape = info.image_shape
-    steps_per_epoch = input_pipeline.steps_per_epoch(
-      info, config.batch_size, config.steps_per_epoch
-    )
+  image_shape, steps_per_epoch = input_shape_and_steps(config)
   # The stored config says how long an epoch was, so that a changed data set shows too.
   config.steps_per_epoch = steps_per_epoch
   # Before anything is compiled: a resume must not change the trajectory.

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import coolopt
-from examples import checkpoints, lr_find, optimizers, schema
-from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
+from examples import checkpoints, lr_find, optimizers, schema, text_pipeline
+from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0, lstm_lm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,6 +114,30 @@ def test_synthetic_cifar10_resnet20(tmp_path):
   # 6 steps: an epoch of 4 batches of the 32 examples, and 2 of the next.
   assert (tmp_path / lr_find.PLOT_FILE).stat().st_size > 0
   assert not (tmp_path / checkpoints.CHECKPOINT_DIR).exists()
+
+
+def test_language_model(tmp_path):
+  # The AWD-LSTM recipe, tiny, on python_docs: the range test reads BPTT windows and
+  # carries the LSTM state of its 8 streams as the trainer does, over 6 windows, i.e.
+  # an epoch of 4 and 2 of the next (whose first window starts from a zero state).
+  config = lstm_lm.get_config()
+  config.update(
+    embedding_size=8,
+    hidden_size=16,
+    num_layers=2,
+    bptt=10,
+    batch_size=8,
+    eval_batch_size=8,
+    steps_per_epoch=4,
+    progress_bar=False,
+  )
+  result = lr_find.lr_find(config, str(tmp_path), num_steps=6, lr_min=1e-2, lr_max=1.0)
+  _assert_result(result, num_steps=6, lr_min=1e-2, lr_max=1.0)
+  assert result['optimizer'] == 'coolmomentum'
+  # Tied, small embeddings: the first windows are scored about as a uniform guess.
+  vocab_size = text_pipeline.load_corpus('python_docs').vocab_size
+  assert abs(result['losses'][0] - np.log(vocab_size)) < 0.1 * np.log(vocab_size)
+  assert (tmp_path / lr_find.PLOT_FILE).stat().st_size > 0
 
 
 def test_optimizer_sweeps_the_given_rate_with_rho_held_at_rho_0():
