@@ -16,10 +16,10 @@ same parameters, over the whole step); with `--out DIR` it writes `lstm_lm.json`
 
 From the repository root (with `PYTHONPATH=.` unless coolopt is installed):
 
-  python benchmarks/lstm_lm.py --epochs 10 --embedding 96 --hidden 192 --out docs/_static
-  python benchmarks/lstm_lm.py --epochs 10 --embedding 96 --hidden 192 --cooling-epochs 500 \
+  python -m benchmarks.lstm_lm --epochs 10 --embedding 96 --hidden 192 --out docs/_static
+  python -m benchmarks.lstm_lm --epochs 10 --embedding 96 --hidden 192 --cooling-epochs 500 \
     --optimizers coolmomentum   # the first 10 epochs of the authors' 500-epoch cooling
-  python benchmarks/lstm_lm.py --embedding 400 --hidden 1150 --epochs 1   # the reference's size
+  python -m benchmarks.lstm_lm --embedding 400 --hidden 1150 --epochs 1   # the reference's size
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from machine import machine
 
 import coolopt
+from benchmarks.machine import machine
 from examples import language_model as lm
 from examples import text_pipeline as tp
 

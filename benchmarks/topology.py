@@ -1,6 +1,6 @@
 """The same run on 1 process of 8 devices, 2 of 4 and 8 of 1: per-epoch losses side by side.
 
-  PYTHONPATH=. python benchmarks/topology.py [--config examples/configs/digits.py] \
+  python -m benchmarks.topology [--config examples/configs/digits.py] \
     [--epochs 2] [--steps 6]
 
 Each topology trains the config into its own workdir with `python -m examples.main`
