@@ -48,6 +48,7 @@ __all__ = [
   'batch_norm_mask',
   'conv_kernel_mask',
   'get_model',
+  'weight_decay_mask',
 ]
 
 ModuleDef = Any
@@ -455,3 +456,9 @@ def batch_norm_mask(params: Any) -> Any:
     return len(names) >= 2 and bool(_BATCH_NORM_NAME.fullmatch(names[-2]))
 
   return jax.tree_util.tree_map_with_path(in_batch_norm, params)
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """A pytree of bools like ``params``: True for every parameter but BatchNorm's, the
+  parameters that weight decay applies to."""
+  return jax.tree.map(lambda bn: not bn, batch_norm_mask(params))

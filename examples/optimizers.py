@@ -19,6 +19,7 @@ import ml_collections
 import optax
 
 import coolopt
+from examples import models
 
 OPTIMIZERS = (
   'coolmomentum',
@@ -150,6 +151,17 @@ def _base_optimizer(
   )
 
 
+def decays_after_clipping(config: ml_collections.ConfigDict) -> bool:
+  """Whether the optimizer adds `config.weight_decay` to the clipped gradient itself.
+
+  With `config.gradient_clip`, as the AWD-LSTM reference clips the gradient and then its
+  PyTorch `SGD(weight_decay=...)` adds the decay; the loss keeps the decay's value (a
+  Metropolis test judges it) but not its gradient (see `examples.train.regularization`).
+  Otherwise the decay's gradient comes with the loss's.
+  """
+  return config.gradient_clip > 0 and config.weight_decay > 0
+
+
 def create_optimizer(
   config: ml_collections.ConfigDict,
   steps_per_epoch: int,
@@ -163,7 +175,8 @@ def create_optimizer(
   Weight decay is not part of it: `config.weight_decay` and `config.l2_regularization`
   are penalties in the loss (see `examples.train.regularization`), so that the
   gradients and a Metropolis test see one objective. With `config.gradient_clip`, the
-  gradient's global norm is clipped first (the language model's recipe).
+  gradient's global norm is clipped first and the weight decay added after (the
+  language model's recipe; see `decays_after_clipping`).
 
   The Metropolis optimizers test every step at a temperature `metropolis_temperature`
   multiplied by `metropolis_cooling` after every epoch, averaging the losses over
@@ -213,6 +226,11 @@ def create_optimizer(
       axis_name=axis_name,
     )
   if config.gradient_clip > 0:
-    optimizer = optax.chain(optax.clip_by_global_norm(config.gradient_clip), optimizer)
+    clip = optax.clip_by_global_norm(config.gradient_clip)
+    if decays_after_clipping(config):
+      decay = optax.add_decayed_weights(config.weight_decay, models.weight_decay_mask)
+      optimizer = optax.chain(clip, decay, optimizer)
+    else:
+      optimizer = optax.chain(clip, optimizer)
   tx = optax.chain(optimizer, coolopt.track_kinetic_temperature())
   return tx, Schedules(learning_rate=learning_rate, rho=rho)

@@ -218,21 +218,27 @@ def conv_kernel_l2(params: Any) -> jax.Array:
 
 
 def regularization(
-  params: Any, *, l2_regularization: float = 0.0, weight_decay: float = 0.0
+  params: Any,
+  *,
+  l2_regularization: float = 0.0,
+  weight_decay: float = 0.0,
+  decay_gradient: bool = True,
 ) -> jax.Array:
   """The penalty added to the loss.
 
   `l2_regularization * sum(w**2)` over the convolution kernels (Keras' `l2` kernel
   regularizer of the ResNet reference) plus `weight_decay * sum(w**2) / 2` over every
   parameter but BatchNorm's (the EfficientNet reference's `weight_decay *
-  tf.nn.l2_loss`), whose gradient is the coupled decay `weight_decay * w`.
+  tf.nn.l2_loss`), whose gradient is the coupled decay `weight_decay * w`. Without
+  `decay_gradient` the decay term counts in the value only, for an optimizer that adds
+  the decay itself (see `examples.optimizers.decays_after_clipping`).
   """
   penalty = jnp.zeros([], jnp.float32)
   if l2_regularization:
     penalty += l2_regularization * conv_kernel_l2(params)
   if weight_decay:
-    decayed = jax.tree.map(lambda bn: not bn, models.batch_norm_mask(params))
-    penalty += weight_decay / 2 * _masked_square_sum(params, decayed)
+    decay = weight_decay / 2 * _masked_square_sum(params, models.weight_decay_mask(params))
+    penalty += decay if decay_gradient else jax.lax.stop_gradient(decay)
   return penalty
 
 
@@ -248,6 +254,7 @@ def train_step(
   label_smoothing: float = 0.0,
   l2_regularization: float = 0.0,
   weight_decay: float = 0.0,
+  decay_gradient: bool = True,
   ema_decay: float = 0.0,
   activation_regularization: float = 0.0,
   temporal_activation_regularization: float = 0.0,
@@ -257,10 +264,14 @@ def train_step(
 
   The loss is the objective the optimizer descends: the mean cross-entropy plus
   `regularization(params)`. A Metropolis optimizer judges that same objective at the
-  current and the candidate parameters. A step whose averaged loss, gradients or
-  updates are not finite changes neither the parameters, nor the optimizer state, nor
-  the batch statistics; it is counted in the 'skipped' metric. With `state.ema`, the
-  moving averages are updated with `ema_decay` (see `update_ema`).
+  current and the candidate parameters. Without `decay_gradient`, the weight decay
+  counts in the loss but not in its gradient: the optimizer adds it to the clipped
+  gradient (see `examples.optimizers.decays_after_clipping`).
+
+  A step whose averaged loss, gradients or updates are not finite changes neither the
+  parameters, nor the optimizer state, nor the batch statistics; it is counted in the
+  'skipped' metric. With `state.ema`, the moving averages are updated with
+  `ema_decay` (see `update_ema`).
 
   A language model (`state.carry` not None) descends the mean cross-entropy per token
   of a BPTT window plus the AR and TAR terms, starting from the carried LSTM state of
@@ -278,7 +289,9 @@ def train_step(
       batch,
       model=model,
       dropout_rng=dropout_rng,
-      penalty=functools.partial(regularization, weight_decay=weight_decay),
+      penalty=functools.partial(
+        regularization, weight_decay=weight_decay, decay_gradient=decay_gradient
+      ),
       ema_decay=ema_decay,
       alpha=activation_regularization,
       beta=temporal_activation_regularization,
@@ -294,7 +307,12 @@ def train_step(
       rngs={'dropout': dropout_rng},
     )
     loss = jnp.mean(cross_entropy_loss(logits, batch['label'], label_smoothing))
-    loss += regularization(params, l2_regularization=l2_regularization, weight_decay=weight_decay)
+    loss += regularization(
+      params,
+      l2_regularization=l2_regularization,
+      weight_decay=weight_decay,
+      decay_gradient=decay_gradient,
+    )
     return loss, (logits, updates['batch_stats'])
 
   def candidate_loss(params):
@@ -473,6 +491,7 @@ def create_parallel(config: ml_collections.ConfigDict, model: nn.Module) -> data
     label_smoothing=config.label_smoothing,
     l2_regularization=config.l2_regularization,
     weight_decay=config.weight_decay,
+    decay_gradient=not optimizers.decays_after_clipping(config),
     ema_decay=config.ema_decay,
     activation_regularization=config.activation_regularization,
     temporal_activation_regularization=config.temporal_activation_regularization,

@@ -9,13 +9,30 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from examples import checkpoints, compare, schema, text_pipeline, train, workdir
+from examples import (
+  checkpoints,
+  compare,
+  language_model,
+  optimizers,
+  schema,
+  text_pipeline,
+  train,
+  workdir,
+)
 from examples.configs import lstm_lm
 from tests.run_rows import assert_same_rows, read_rows
 
+NO_DROPOUT = (
+  'output_dropout',
+  'hidden_dropout',
+  'input_dropout',
+  'embedding_dropout',
+  'weight_dropout',
+)
 LM_ROW_KEYS = {
   'train_loss',
   'valid_loss',
@@ -126,16 +143,7 @@ def test_trains_and_resumes_exactly_inside_an_epoch(tmp_path):
 def test_pmap_and_jit_train_alike(tmp_path):
   # Without dropout both compute the same steps: under pmap each replica takes its row of
   # the carried state and gathers the new rows of all.
-  no_dropout = {
-    name: 0.0
-    for name in (
-      'output_dropout',
-      'hidden_dropout',
-      'input_dropout',
-      'embedding_dropout',
-      'weight_dropout',
-    )
-  }
+  no_dropout = {name: 0.0 for name in NO_DROPOUT}
   fields = dict(num_epochs=1, steps_per_epoch=3, **no_dropout)
   pmap = train.train_and_evaluate(_tiny(parallelism='pmap', **fields), str(tmp_path / 'pmap'))
   jit = train.train_and_evaluate(_tiny(parallelism='jit', **fields), str(tmp_path / 'jit'))
@@ -145,6 +153,41 @@ def test_pmap_and_jit_train_alike(tmp_path):
   (pmap_row,), (jit_row,) = read_rows(tmp_path / 'pmap'), read_rows(tmp_path / 'jit')
   for key in ('train_loss', 'valid_perplexity', 'test_perplexity', 'kinetic_temperature'):
     np.testing.assert_allclose(pmap_row[key], jit_row[key], rtol=2e-4, err_msg=key)
+
+
+def test_weight_decay_is_added_to_the_clipped_gradient(tmp_path):
+  # The reference clips the objective's gradient, then its SGD adds the decay: one step
+  # of SGD at lr 30 is w - 30 * (clip(g) + wd * w), not w - 30 * clip(g + wd * w).
+  fields = {name: 0.0 for name in NO_DROPOUT}
+  config = _tiny(optimizer='sgd', num_epochs=1, steps_per_epoch=1, weight_decay=0.01, **fields)
+  resolved = schema.resolve_config(config)
+  resolved.steps_per_epoch = 1
+  model = train.create_model(resolved)
+  tx, _ = optimizers.create_optimizer(resolved, 1)
+  initial = train.create_train_state(jax.random.PRNGKey(resolved.seed), model, (), tx, streams=8)
+  batch = jax.tree.map(
+    lambda x: x.reshape(-1, *x.shape[2:]), next(iter(train.train_batches(resolved, 0)))
+  )
+  grads = jax.grad(
+    lambda p: language_model.window_loss(
+      model,
+      p,
+      initial.carry,
+      batch,
+      train=True,
+      rng=jax.random.PRNGKey(0),
+      alpha=resolved.activation_regularization,
+      beta=resolved.temporal_activation_regularization,
+    )[0]
+  )(initial.params)
+  norm = optax.tree.norm(grads)
+  assert norm > resolved.gradient_clip  # The clipping acts.
+  expected = jax.tree.map(
+    lambda w, g: w - 30.0 * (g * resolved.gradient_clip / norm + 0.01 * w), initial.params, grads
+  )
+  final = train.train_and_evaluate(config, str(tmp_path))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
+  jax.tree.map(close, final.params, expected)
 
 
 def test_compare_reports_perplexities(tmp_path):
