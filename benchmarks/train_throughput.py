@@ -63,12 +63,17 @@ OPTIMIZERS = ('coolmomentum', 'momentum')
 STEPS_PER_EPOCH = 1000
 
 
-def make_config(model: str, optimizer: str, image_size: int, half_precision: bool):
+def make_config(model: str, optimizer: str, batch: int, image_size: int, half_precision: bool):
   config = CONFIGS[model].get_config()
   config.optimizer = optimizer
   config.image_size = image_size
   config.half_precision = half_precision
   config.parallelism = 'jit'
+  group = config.batch_norm_group_size
+  if group and batch % group:
+    # The recipe's BatchNorm groups (256 examples) do not divide a small batch: the whole
+    # batch is one group.
+    config.batch_norm_group_size = 0
   return schema.resolve_config(config)
 
 
@@ -76,7 +81,7 @@ def build(
   model_name: str, optimizer: str, batch: int, image_size: int, half: bool, seed: int
 ) -> tuple[Timed, Timed, int]:
   """The train step and the optimizer step of one (model, optimizer), and the parameter count."""
-  config = make_config(model_name, optimizer, image_size, half)
+  config = make_config(model_name, optimizer, batch, image_size, half)
   model = train.create_model(config)
   tx, _ = optimizers.create_optimizer(config, STEPS_PER_EPOCH)
   shape = (image_size, image_size, config.num_channels)

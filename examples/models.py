@@ -42,6 +42,7 @@ from flax import linen as nn
 __all__ = [
   'MODELS',
   'BatchNorm',
+  'DepthwiseConv',
   'DigitsCNN',
   'EfficientNetB0',
   'ResNet20',
@@ -254,6 +255,73 @@ def _correct_pad(size: Sequence[int], kernel_size: int) -> list[tuple[int, int]]
   return [(kernel_size // 2 - (1 - n % 2), kernel_size // 2) for n in size]
 
 
+DEPTHWISE_IMPLEMENTATIONS = ('shifted', 'convolution')
+
+
+class DepthwiseConv(nn.Module):
+  """A depthwise convolution: `nn.Conv(features, (k, k), feature_group_count=features,
+  use_bias=False)`, with the same parameter ('kernel', shaped (k, k, 1, features)).
+
+  `implementation` 'shifted' computes it as the sum over the k*k kernel taps of shifted
+  (strided) views of the padded input, each times its tap's per-channel weights;
+  'convolution' as XLA's grouped convolution; None (the default) picks 'shifted' on CPU,
+  where XLA runs a convolution of one channel per group tens of times slower than
+  these fused elementwise sums (docs/benchmarks.md), and 'convolution' elsewhere. The
+  two differ by float rounding only.
+  """
+
+  kernel_size: int
+  strides: int = 1
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  kernel_init: Callable[..., jax.Array] = _DEPTHWISE_INIT
+  dtype: Any = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s, features = self.kernel_size, self.strides, x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (k, k, 1, features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    implementation = self.implementation
+    if implementation is None:
+      implementation = 'shifted' if jax.default_backend() == 'cpu' else 'convolution'
+    if implementation not in DEPTHWISE_IMPLEMENTATIONS:
+      raise ValueError(
+        f'implementation must be None or one of {DEPTHWISE_IMPLEMENTATIONS}, '
+        f'got implementation={implementation!r}.'
+      )
+    if implementation == 'convolution':
+      return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (s, s),
+        self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=features,
+      )
+    if isinstance(self.padding, str):
+      pads = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), self.padding)
+    else:
+      pads = self.padding
+    dtype = x.dtype
+    # Summed in float32 at least, as the convolution accumulates.
+    accumulate = jnp.promote_types(dtype, jnp.float32)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0))).astype(accumulate)
+    kernel = kernel.astype(accumulate)
+    height, width = ((n - k) // s + 1 for n in x.shape[1:3])
+    y = None
+    for i in range(k):
+      for j in range(k):
+        view = jax.lax.slice(
+          x,
+          (0, i, j, 0),
+          (x.shape[0], i + (height - 1) * s + 1, j + (width - 1) * s + 1, features),
+          (1, s, s, 1),
+        )
+        y = view * kernel[i, j, 0] if y is None else y + view * kernel[i, j, 0]
+    return y.astype(dtype)
+
+
 class MBConvBlock(nn.Module):
   """Mobile inverted bottleneck with squeeze-and-excitation and stochastic depth."""
 
@@ -266,6 +334,7 @@ class MBConvBlock(nn.Module):
   dtype: Any = jnp.float32
   se_ratio: float = 0.25
   drop_rate: float = 0.0
+  depthwise_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -278,13 +347,12 @@ class MBConvBlock(nn.Module):
 
     k = self.kernel_size
     padding = _correct_pad(x.shape[1:3], k) if self.strides == 2 else 'SAME'
-    x = conv(
-      filters,
-      (k, k),
+    x = DepthwiseConv(
+      k,
       self.strides,
-      padding=padding,
-      feature_group_count=filters,
-      kernel_init=_DEPTHWISE_INIT,
+      padding,
+      dtype=self.dtype,
+      implementation=self.depthwise_implementation,
       name='dwconv',
     )(x)
     x = nn.swish(self.norm(name='bn')(x))
@@ -325,6 +393,8 @@ class EfficientNetB0(nn.Module):
   blocks: Sequence[tuple[int, int, int, int, int, int]] = EFFICIENTNET_B0_BLOCKS
   drop_connect_rate: float = 0.2
   dropout_rate: float = 0.2
+  # How the depthwise convolutions are computed (see `DepthwiseConv`).
+  depthwise_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -350,6 +420,7 @@ class EfficientNetB0(nn.Module):
           norm=norm,
           dtype=self.dtype,
           drop_rate=self.drop_connect_rate * b / total_blocks,
+          depthwise_implementation=self.depthwise_implementation,
           name=f'block{i + 1}{chr(ord("a") + j)}',
         )(x, train=train)
         b += 1

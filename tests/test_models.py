@@ -344,3 +344,54 @@ def test_batch_norm_mask_selects_exactly_the_batch_norm_parameters():
   flat = traverse_util.flatten_dict(params)
   # 5,288,548 parameters, of which 42,016 are BatchNorm's.
   assert sum(int(np.prod(flat[p].shape)) for p, m in mask.items() if not m) == 5_288_548 - 42_016
+
+
+@pytest.mark.parametrize(
+  'kernel_size, strides, size',
+  [(3, 1, 9), (5, 1, 6), (3, 2, 9), (5, 2, 10), (5, 2, 7)],
+)
+def test_depthwise_conv_shifted_is_the_grouped_convolution(kernel_size, strides, size):
+  # EfficientNet's padding: 'SAME' at stride 1, Keras' correct_pad before stride 2.
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
+  padding = models._correct_pad(x.shape[1:3], kernel_size) if strides == 2 else 'SAME'
+  reference = nn.Conv(
+    6,
+    (kernel_size, kernel_size),
+    strides,
+    padding=padding,
+    feature_group_count=6,
+    use_bias=False,
+    kernel_init=models._DEPTHWISE_INIT,
+  )
+  variables = reference.init(jax.random.key(1), x)
+
+  def objective(module, variables, x):
+    return jnp.sum(jnp.sin(module.apply(variables, x)))
+
+  expected, expected_grads = jax.value_and_grad(objective, argnums=(1, 2))(reference, variables, x)
+  for implementation in models.DEPTHWISE_IMPLEMENTATIONS:
+    layer = models.DepthwiseConv(kernel_size, strides, padding, implementation=implementation)
+    # The same parameter, initialised alike: checkpoints and parameter counts are unchanged.
+    own = layer.init(jax.random.key(1), x)
+    assert jax.tree.structure(own) == jax.tree.structure(variables)
+    np.testing.assert_array_equal(own['params']['kernel'], variables['params']['kernel'])
+    np.testing.assert_allclose(
+      layer.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+    value, grads = jax.value_and_grad(objective, argnums=(1, 2))(layer, variables, x)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, expected_grads
+    )
+
+
+def test_depthwise_conv_on_cpu_is_shifted_and_checks_its_implementation():
+  x = jnp.ones((1, 4, 4, 3))
+  layer = models.DepthwiseConv(3)
+  variables = layer.init(jax.random.key(0), x)
+  # On CPU the default is the shifted sums: no convolution in the program.
+  assert 'convolution' not in jax.jit(layer.apply).lower(variables, x).as_text()
+  convolution = models.DepthwiseConv(3, implementation='convolution')
+  assert 'convolution' in jax.jit(convolution.apply).lower(variables, x).as_text()
+  with pytest.raises(ValueError, match=r'implementation=.im2col.'):
+    models.DepthwiseConv(3, implementation='im2col').init(jax.random.key(0), x)
