@@ -10,7 +10,8 @@ import pytest
 
 import coolopt
 from examples import checkpoints, lr_find, optimizers, schema, text_pipeline
-from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0, lstm_lm
+from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
+from tests.test_train_language_model import _tiny as tiny_language_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,17 +121,7 @@ def test_language_model(tmp_path):
   # The AWD-LSTM recipe, tiny, on python_docs: the range test reads BPTT windows and
   # carries the LSTM state of its 8 streams as the trainer does, over 6 windows, i.e.
   # an epoch of 4 and 2 of the next (whose first window starts from a zero state).
-  config = lstm_lm.get_config()
-  config.update(
-    embedding_size=8,
-    hidden_size=16,
-    num_layers=2,
-    bptt=10,
-    batch_size=8,
-    eval_batch_size=8,
-    steps_per_epoch=4,
-    progress_bar=False,
-  )
+  config = tiny_language_model(steps_per_epoch=4)
   result = lr_find.lr_find(config, str(tmp_path), num_steps=6, lr_min=1e-2, lr_max=1.0)
   _assert_result(result, num_steps=6, lr_min=1e-2, lr_max=1.0)
   assert result['optimizer'] == 'coolmomentum'
