@@ -12,7 +12,6 @@ whole split for every process slice).
 
 import contextlib
 import functools
-import hashlib
 import inspect
 import os
 import time
@@ -27,6 +26,7 @@ from ml_collections import config_flags
 
 from examples import input_pipeline, train
 from examples.configs import default
+from tests.helpers import digest
 
 NUM_MOCK_EXAMPLES = 10
 
@@ -455,16 +455,6 @@ def test_a_tfrecord_split_out_of_memory_cannot_be_trained_on(tmp_path):
     _epoch(config)
 
 
-def _digest(batches) -> str:
-  """The first 16 hex digits of the SHA-256 of every batch's arrays, in order."""
-  digest = hashlib.sha256()
-  for batch in batches:
-    for key in sorted(batch):
-      digest.update(key.encode())
-      digest.update(np.ascontiguousarray(batch[key]).tobytes())
-  return digest.hexdigest()[:16]
-
-
 # The digests of these batches as the pipeline has produced them since the trainer's
 # results were recorded: any change to a batch, bit for bit, changes a digest.
 PINNED_BATCHES = {
@@ -504,16 +494,16 @@ def test_batches_are_pinned(tmp_path):
     num_local_devices=2,
   )
   digests = {
-    'digits_train': _digest(digits('train', epoch=1)),
-    'digits_train_resumed': _digest(digits('train', epoch=1, start_step=20)),
-    'digits_test': _digest(digits('test')),
-    'digits_train_evaluation': _digest(digits('train', evaluation=True, num_local_devices=1)),
-    'synthetic_train': _digest(synthetic('train', epoch=2, num_steps=6)),
-    'synthetic_test': _digest(synthetic('test', num_steps=1)),
+    'digits_train': digest(digits('train', epoch=1)),
+    'digits_train_resumed': digest(digits('train', epoch=1, start_step=20)),
+    'digits_test': digest(digits('test')),
+    'digits_train_evaluation': digest(digits('train', evaluation=True, num_local_devices=1)),
+    'synthetic_train': digest(synthetic('train', epoch=2, num_steps=6)),
+    'synthetic_test': digest(synthetic('test', num_steps=1)),
   }
   with _mock_tfds(str(tmp_path), 'cifar10'):
-    digests['cifar10_train'] = _digest(cifar10('train', epoch=1))
-    digests['cifar10_test'] = _digest(cifar10('test'))
+    digests['cifar10_train'] = digest(cifar10('train', epoch=1))
+    digests['cifar10_test'] = digest(cifar10('test'))
   assert digests == PINNED_BATCHES
 
 

@@ -135,26 +135,31 @@ def test_event_files_hold_each_epochs_row_and_each_steps_metrics(tmp_path):
   assert len(set(rhos)) > 2
 
 
-def test_quick_start_prints_a_line_an_epoch_and_ends_in_the_table(tmp_path):
-  """The README's quick start, cut to a few steps, with its output piped."""
-  num_epochs, steps_per_epoch = 2, 5
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'examples.compare',
-      '--config',
-      'examples/configs/digits.py',
-      '--workdir',
-      str(tmp_path),
-      f'--config.num_epochs={num_epochs}',
-      f'--config.steps_per_epoch={steps_per_epoch}',
-      '--config.steps_per_eval=1',
-    ],
+def _run_piped(module: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+  """`python -m module args` from the repository root, stdout and stderr in one pipe,
+  as a user piping a command's output sees it."""
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
     cwd=REPO_ROOT,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
+    timeout=timeout,
+  )
+
+
+def test_quick_start_prints_a_line_an_epoch_and_ends_in_the_table(tmp_path):
+  """The README's quick start, cut to a few steps, with its output piped."""
+  num_epochs, steps_per_epoch = 2, 5
+  result = _run_piped(
+    'examples.compare',
+    '--config',
+    'examples/configs/digits.py',
+    '--workdir',
+    str(tmp_path),
+    f'--config.num_epochs={num_epochs}',
+    f'--config.steps_per_epoch={steps_per_epoch}',
+    '--config.steps_per_eval=1',
     timeout=600,
   )
   assert result.returncode == 0, result.stdout[-3000:]
@@ -179,23 +184,15 @@ def test_quick_start_prints_a_line_an_epoch_and_ends_in_the_table(tmp_path):
 
 
 def test_verbosity_flag_shows_the_library_logs(tmp_path):
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'examples.main',
-      '--config=examples/configs/digits.py',
-      f'--workdir={tmp_path}',
-      '--config.num_epochs=1',
-      '--config.steps_per_epoch=2',
-      '--config.steps_per_eval=1',
-      '-v',
-      '0',
-    ],
-    cwd=REPO_ROOT,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
+  result = _run_piped(
+    'examples.main',
+    '--config=examples/configs/digits.py',
+    f'--workdir={tmp_path}',
+    '--config.num_epochs=1',
+    '--config.steps_per_epoch=2',
+    '--config.steps_per_eval=1',
+    '-v',
+    '0',
     timeout=300,
   )
   assert result.returncode == 0, result.stdout[-3000:]

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from examples import checkpoints, input_pipeline, train
-from tests.run_rows import TIMING, read_rows
+from tests.helpers import TIMING, read_rows
 from tests.test_train import REPO_ROOT, _digits
 
 TIMEOUT = 300  # Seconds for any one subprocess.

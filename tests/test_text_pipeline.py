@@ -1,12 +1,12 @@
 """Tests for the text corpora and the BPTT batching of the language-model trainer."""
 
 import functools
-import hashlib
 
 import numpy as np
 import pytest
 
 from examples import text_pipeline as tp
+from tests.helpers import digest
 
 # A small corpus in the PTB files' format: one sentence a line, words split by spaces.
 SMALL = {
@@ -176,16 +176,6 @@ def test_trainer_evaluation_windows(tmp_path):
     next(tp.create_input_iter(split='test', global_batch_size=2, num_local_devices=4, **corpus))
 
 
-def _digest(windows) -> str:
-  """The first 16 hex digits of the SHA-256 of every window's arrays, in order."""
-  digest = hashlib.sha256()
-  for window in windows:
-    for key in sorted(window):
-      digest.update(key.encode())
-      digest.update(np.ascontiguousarray(window[key]).tobytes())
-  return digest.hexdigest()[:16]
-
-
 def test_trainer_windows_are_pinned(tmp_path):
   """The windows of a seeded random corpus, bit for bit as the trainer has read them."""
   rng = np.random.default_rng(0)
@@ -199,12 +189,12 @@ def test_trainer_windows_are_pinned(tmp_path):
   assert tp.steps_per_epoch(batch_size=8, **corpus) == 17
   assert tp.steps_per_eval(split='valid', batch_size=4, **corpus) == 6
   digests = {
-    'train': _digest(windows('train', global_batch_size=8, num_local_devices=2)),
-    'valid': _digest(windows('valid', global_batch_size=4, num_local_devices=1)),
-    'train_resumed_longer': _digest(
+    'train': digest(windows('train', global_batch_size=8, num_local_devices=2)),
+    'valid': digest(windows('valid', global_batch_size=4, num_local_devices=1)),
+    'train_resumed_longer': digest(
       windows('train', global_batch_size=8, num_steps=25, num_local_devices=1, start_step=3)
     ),
-    'test_part': _digest(windows('test', global_batch_size=4, num_steps=2, num_local_devices=2)),
+    'test_part': digest(windows('test', global_batch_size=4, num_steps=2, num_local_devices=2)),
   }
   assert digests == {
     'train': '33bbc6b4d6fd69d8',

@@ -40,7 +40,7 @@ from examples import (
   workdir,
 )
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
-from tests.run_rows import TIMING, assert_same_rows, read_rows
+from tests.helpers import TIMING, assert_same_rows, read_rows
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_MOCK_EXAMPLES = 16

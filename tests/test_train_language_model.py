@@ -24,7 +24,7 @@ from examples import (
   workdir,
 )
 from examples.configs import lstm_lm
-from tests.run_rows import assert_same_rows, read_rows
+from tests.helpers import assert_same_rows, read_rows
 
 NO_DROPOUT = (
   'output_dropout',

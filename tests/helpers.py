@@ -1,5 +1,7 @@
-"""The metrics rows of a trainer run, and their comparison between two runs."""
+"""Shared by the tests: the metrics rows of a trainer run and their comparison between
+two runs, and a digest that pins a pipeline's batches bit for bit."""
 
+import hashlib
 import os
 
 import numpy as np
@@ -24,3 +26,13 @@ def assert_same_rows(rows, expected, rtol=1e-6):
         assert row[key] is None, key
       else:
         np.testing.assert_allclose(row[key], expected_row[key], rtol=rtol, err_msg=key)
+
+
+def digest(batches) -> str:
+  """The first 16 hex digits of the SHA-256 of every batch's arrays, in order."""
+  sha = hashlib.sha256()
+  for batch in batches:
+    for key in sorted(batch):
+      sha.update(key.encode())
+      sha.update(np.ascontiguousarray(batch[key]).tobytes())
+  return sha.hexdigest()[:16]
