@@ -157,15 +157,16 @@ def scale_by_thermostat(
   asks, whatever :math:`\rho`. :math:`\rho_n = (1 - r_n)/(1 + r_n)` lies in
   :math:`[0, \rho_0]`, and :math:`\rho_n = 0` from step :math:`S` on.
 
-  The promise: the thermostat never makes the run hotter than the target or plain
-  SGD at :math:`\eta/2`, whichever is hotter, for longer than its correction takes
-  (a temperature more than twice the target raises the friction on the next step;
-  at :math:`\rho = 0` the update is plain SGD at :math:`\eta/2`). So where plain
-  SGD at :math:`\eta/2` converges, the thermostat does too, at any :math:`\rho_0`,
-  provided that steps below :math:`\delta` times the parameters' scale are safe.
-  What it cannot do: heat (when the gradients fade, the temperature falls below the
-  target even at :math:`\rho_0`), or cool below plain SGD at :math:`\eta/2`; and
-  around parameters that shrink to 0 the bound holds it at :math:`\rho = 0`.
+  The promise: a temperature more than twice the target raises the friction on the
+  next step, at any :math:`\rho`, and at :math:`\rho = 0` the update is plain SGD
+  at :math:`\eta/2`; the run is hotter than twice the target only while the
+  temperature relaxes, or where plain SGD at :math:`\eta/2` is itself hotter. So
+  where plain SGD at :math:`\eta/2` converges, the thermostat does too, at any
+  :math:`\rho_0`, provided that steps below :math:`\delta` times the parameters'
+  scale are safe. What it cannot do: heat (when the gradients fade, the temperature
+  falls below the target even at :math:`\rho_0`), or cool below plain SGD at
+  :math:`\eta/2`; and around parameters that shrink to 0 the bound holds it at
+  :math:`\rho = 0`.
 
   Data parallelism: under `jax.pmap` or `shard_map`, give the ``axis_name`` over
   which replicas hold the same parameters; the measured temperatures are averaged
