@@ -1,10 +1,12 @@
-r"""The thermostat against the exponential clock, over a 30x range of learning rates.
+r"""The thermostat against the exponential clock and plain SGD at lr/2, up to divergence.
 
 For each data set, CoolMomentum with the paper's exponential clock
-(`cooling='exponential'`) and with the thermostat (`cooling='thermostat'`) train
-the same models from the same initialisations on the same batches, for five
-learning rates spanning 30x and three seeds each. One jit-compiled step, with the
-learning rate as an argument, serves all 15 runs of an optimizer.
+(`cooling='exponential'`), with the thermostat (`coolopt.scale_by_thermostat`) and
+with rho_0 = 0 (plain SGD at rate lr/2, the overdamped end both can reach) train the
+same models from the same initialisations on the same batches, at learning rates in
+steps of sqrt(10) from the data set's base rate to 1000 times it, where SGD at lr/2
+itself diverges, three seeds each. One jit-compiled step, with the learning rate as
+an argument, serves all the runs of an optimizer.
 
 - digits: the digits config (examples/configs/digits.py): its CNN (with BatchNorm),
   scikit-learn's 8x8 digits with the trainer's 1,437/360 split, batch 32, 10 epochs,
@@ -13,19 +15,20 @@ learning rate as an argument, serves all 15 runs of an optimizer.
   standardised features, two classes), a stratified 75/25 split, an MLP with one
   hidden layer of 64, batch 16, 20 epochs, rho_0 0.99.
 
-Printed, per data set, learning rate and optimizer: the final training loss (over
-the whole training split, in inference mode) and the test accuracy, mean and range
-over the seeds; for both optimizers the smoothed measured temperature at the
-middle and at 90% of the run relative to T_0 (how far the run cooled), and for the
-thermostat the share of steps after the hot start whose smoothed measured temperature
-lies within a factor 2 of the target, and the largest and smallest ratio. Figures and
-the raw traces go to --out.
+Printed, per data set, learning rate and method: the final training loss (over the
+whole training split, in inference mode) and the test accuracy, mean and range over
+the seeds, or how many seeds diverged (final training loss not finite or above half
+that of predicting the class frequencies); for the thermostat the share of steps
+after T_0 is fixed whose smoothed measured temperature lies within a factor 2 of the
+target (in brackets: off by more, with rho at a bound) and the smallest and largest
+ratio; then, per method, the largest rate at which every seed converges and the first
+at which one diverges. Figures and the raw traces go to --out.
 
 From the repository root:
 
-  python -m benchmarks.thermostat --out docs/thermostat
-  python -m benchmarks.thermostat --datasets digits --gain 0.5 --out /tmp/t
-  python -m benchmarks.thermostat --load docs/thermostat  # the table again
+  python -m benchmarks.thermostat --out /tmp/thermostat
+  python -m benchmarks.thermostat --datasets digits --max-step 0.05 --out /tmp/t
+  python -m benchmarks.thermostat --load /tmp/thermostat  # the table again
 """
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ import coolopt
 from benchmarks.machine import machine
 
 SEEDS = (0, 1, 2)
-# Five learning rates spanning 30x, geometric around each data set's base rate.
-LR_FACTORS = tuple(30.0 ** ((k - 2) / 4) for k in range(5))
-METHODS = ('exponential', 'thermostat')
+# Learning rates in steps of sqrt(10) from each data set's base rate up to
+# 1000 times it, where plain SGD at lr/2 diverges on both data sets.
+LR_FACTORS = tuple(10.0 ** (k / 2) for k in range(7))
+# 'sgd': CoolMomentum with rho_0 = 0, plain SGD at rate lr/2, the overdamped end.
+METHODS = ('exponential', 'thermostat', 'sgd')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +148,25 @@ def batch_orders(task: Task, seed: int) -> np.ndarray:
 
 
 def make_optimizer(task: Task, method: str, learning_rate: Any, options: dict[str, Any]):
-  extra = options if method == 'thermostat' else {}
-  return optax.chain(
-    coolopt.coolmomentum(learning_rate, task.rho_0, task.total_steps, cooling=method, **extra),
-    coolopt.track_kinetic_temperature(),
-  )
+  if method == 'thermostat':
+    langevin = coolopt.scale_by_thermostat(learning_rate, task.rho_0, task.total_steps, **options)
+  elif method == 'sgd':
+    langevin = coolopt.coolmomentum(learning_rate, 0.0, task.total_steps)
+  else:
+    langevin = coolopt.coolmomentum(learning_rate, task.rho_0, task.total_steps, cooling=method)
+  return optax.chain(langevin, coolopt.track_kinetic_temperature())
+
+
+def diverged(train_loss: np.ndarray, task: Task) -> np.ndarray:
+  """Runs whose final training loss is not finite or above half that of chance.
+
+  Chance: predicting the class frequencies of the training split, a loss equal to
+  their entropy; a network whose ReLUs all died ends there.
+  """
+  frequencies = np.bincount(task.train[1]) / len(task.train[1])
+  frequencies = frequencies[frequencies > 0]
+  chance = -np.sum(frequencies * np.log(frequencies))
+  return ~np.isfinite(train_loss) | (train_loss > 0.5 * chance)
 
 
 def run_grid(task: Task, method: str, options: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -212,9 +231,12 @@ def run_grid(task: Task, method: str, options: dict[str, Any]) -> dict[str, np.n
   for learning_rate, key, order in zip(learning_rates, keys, orders, strict=True):
     params, batch_stats, state = jax.jit(init)(key)
     steps = []
-    for indices in order:
+    for n, indices in enumerate(order):
       params, batch_stats, state, trace = step(params, batch_stats, state, indices, learning_rate)
       steps.append(trace)
+      if n % 20 == 19 and not np.isfinite(trace['loss']):
+        break  # Diverged: the rest of the run is not finite either.
+    steps += [jax.tree.map(lambda x: np.full_like(x, np.nan), trace)] * (len(order) - len(steps))
     run = jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(steps))
     run.update(jax.device_get(evaluate(params, batch_stats)))
     runs.append(run)
@@ -246,60 +268,65 @@ def summarise(task: Task, results: dict[str, dict[str, np.ndarray]], options) ->
   steps = task.total_steps
   print(
     f'\n{task.name}: {len(task.train[1])} train / {len(task.test[1])} test, batch '
-    f'{task.batch_size}, {task.epochs} epochs = {steps} steps, rho_0 {task.rho_0}, hot start '
-    f'{k} steps'
+    f'{task.batch_size}, {task.epochs} epochs = {steps} steps, rho_0 {task.rho_0}, T_0 measured '
+    f'over {k} steps'
   )
   print(
-    '| lr | optimizer | final train loss, mean (min-max) | test accuracy %, mean (min-max) '
-    '| T(S/2)/T_0 | T(0.9S)/T_0 | steps within 2x of target (off, rho at a bound) '
-    '| measured/target, min-max |'
+    '| lr | method | final train loss, mean (min-max) | test accuracy %, mean (min-max) '
+    '| steps within 2x of target (off, rho at a bound) | measured/target, min-max |'
   )
-  print('|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|')
   seeds = len(SEEDS)
-  for i, factor in enumerate(LR_FACTORS):
+  learning_rates = [task.base_learning_rate * f for f in LR_FACTORS]
+  for i, lr in enumerate(learning_rates):
     runs = slice(i * seeds, (i + 1) * seeds)
     for method in METHODS:
       r = results[method]
       loss, accuracy = r['train_loss'][runs], 100 * r['test_accuracy'][runs]
-      temperature = r['temperature'][runs]
-      t0 = temperature[:, k - 1]
-      half = np.median(temperature[:, steps // 2] / t0)
-      late = np.median(temperature[:, int(0.9 * steps)] / t0)
-      if method == 'thermostat':
-        ratio = temperature[:, k:] / r['target'][runs, k:]
+      failed = diverged(loss, task)
+      within = span = ''
+      if method == 'thermostat' and not failed.any():
+        ratio = r['temperature'][runs, k:] / r['target'][runs, k:]
         rho = r['rho'][runs, k:]
         within = f'{100 * np.mean((ratio >= 0.5) & (ratio <= 2.0)):.0f}%'
         # Off by more than 2x with rho at a bound: no rho could have done better.
         clipped = ((ratio < 0.5) & (rho >= np.float32(task.rho_0))) | ((ratio > 2.0) & (rho == 0))
         within += f' ({100 * np.mean(clipped):.0f}%)'
         span = f'{np.nanmin(ratio):.2f}-{np.nanmax(ratio):.2f}'
-      else:
-        within = span = ''
 
-      def cell(x, fmt):
-        if not np.all(np.isfinite(x)):
-          return f'div ({np.sum(~np.isfinite(x))}/{seeds})'
+      def cell(x, fmt, failed=failed):
+        if failed.any():
+          return f'diverged ({failed.sum()}/{seeds})'
         return f'{x.mean():{fmt}} ({x.min():{fmt}}-{x.max():{fmt}})'
 
       print(
-        f'| {task.base_learning_rate * factor:.4g} | {method} | {cell(loss, ".4f")} | '
-        f'{cell(accuracy, ".1f")} | {half:.3g} | {late:.3g} | {within} | {span} |'
+        f'| {lr:.3g} | {method} | {cell(loss, ".4f")} | {cell(accuracy, ".1f")} | {within} '
+        f'| {span} |'
       )
+  for method in METHODS:
+    failed = diverged(results[method]['train_loss'], task).reshape(-1, seeds)
+    stable = [lr for lr, f in zip(learning_rates, failed, strict=True) if not f.any()]
+    first = next((lr for lr, f in zip(learning_rates, failed, strict=True) if f.any()), None)
+    print(
+      f'{method}: every seed converges up to lr {max(stable, default=float("nan")):.3g}; '
+      + ('no seed diverges on the grid' if first is None else f'first divergence at lr {first:.3g}')
+    )
 
 
 def plot(task: Task, results: dict[str, dict[str, np.ndarray]], options, out: str) -> None:
   from matplotlib.figure import Figure
 
-  k = hot_steps(task, options)
   seeds = len(SEEDS)
   figure = Figure(figsize=(13, 3.8))
   figure.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.28)
   axes = figure.subplots(1, 3)
   learning_rates = [task.base_learning_rate * f for f in LR_FACTORS]
-  for method, marker in zip(METHODS, ('o', 's'), strict=True):
+  for method, marker in zip(METHODS, ('o', 's', '^'), strict=True):
     r = results[method]
+    failed = diverged(r['train_loss'], task).reshape(len(LR_FACTORS), seeds)
     for ax, key, scale in ((axes[0], 'train_loss', 1.0), (axes[1], 'test_accuracy', 100.0)):
       values = scale * r[key].reshape(len(LR_FACTORS), seeds)
+      values = np.where(failed.any(1, keepdims=True), np.nan, values)  # diverged: not drawn
       mean = np.nanmean(values, 1)
       spread = [
         np.maximum(0, mean - np.nanmin(values, 1)),
@@ -307,7 +334,7 @@ def plot(task: Task, results: dict[str, dict[str, np.ndarray]], options, out: st
       ]
       ax.errorbar(learning_rates, mean, yerr=spread, marker=marker, capsize=3, label=method)
   axes[0].set_yscale('log')
-  axes[0].set_title('final training loss')
+  axes[0].set_title('final training loss (diverged: not drawn)')
   axes[1].set_title('test accuracy (%)')
   for ax in axes[:2]:
     ax.set_xscale('log')
@@ -319,19 +346,25 @@ def plot(task: Task, results: dict[str, dict[str, np.ndarray]], options, out: st
   ax = axes[2]
   steps = np.arange(task.total_steps)
   colors = [f'C{i}' for i in range(len(LR_FACTORS))]
+  thermostat_failed = diverged(results['thermostat']['train_loss'], task).reshape(-1, seeds)
   for i, color in enumerate(colors):
+    if thermostat_failed[i].any():
+      continue  # Only the rates at which the thermostat converges.
     run = i * seeds  # seed 0
     lr = learning_rates[i]
     r = results['thermostat']
     ax.plot(steps, r['temperature'][run], color=color, label=f'lr {lr:.3g}')
-    ax.plot(steps[k:], r['target'][run, k:], color=color, linestyle=':')
-    ax.plot(steps, results['exponential']['temperature'][run], color=color, alpha=0.35)
+    ax.plot(steps, r['target'][run], color=color, linestyle=':')
+    if not diverged(results['exponential']['train_loss'][run], task):
+      ax.plot(steps, results['exponential']['temperature'][run], color=color, alpha=0.35)
   ax.set_yscale('log')
   ax.set_xlabel('step')
   ax.set_title('temperature, seed 0: thermostat, its target (dotted), clock (faint)', fontsize=8)
   ax.legend(fontsize=7, loc='lower left')
   ax.grid(True, alpha=0.3)
-  figure.suptitle(f'{task.name}: exponential clock vs thermostat, 3 seeds per learning rate')
+  figure.suptitle(
+    f'{task.name}: exponential clock, thermostat and SGD at lr/2, 3 seeds per learning rate'
+  )
   figure.savefig(os.path.join(out, f'thermostat_{task.name}.png'), dpi=90)
 
 
@@ -341,6 +374,7 @@ def main() -> None:
   parser.add_argument('--gain', type=float, default=coolopt.thermostat.DEFAULT_GAIN)
   parser.add_argument('--smoothing', type=float, default=coolopt.thermostat.DEFAULT_SMOOTHING)
   parser.add_argument('--hot-steps', type=int, default=None)
+  parser.add_argument('--max-step', type=float, default=coolopt.thermostat.DEFAULT_MAX_STEP)
   parser.add_argument('--target-path', default='exponential')
   parser.add_argument('--out', default=None, help='folder for the figures and traces')
   parser.add_argument(
@@ -351,6 +385,7 @@ def main() -> None:
     'gain': args.gain,
     'smoothing': args.smoothing,
     'hot_steps': args.hot_steps,
+    'max_step': args.max_step,
     'target_path': args.target_path,
   }
   print(machine())
@@ -368,7 +403,8 @@ def main() -> None:
     for method in METHODS if not args.load else ():
       start = time.perf_counter()
       results[method] = run_grid(task, method, options)
-      print(f'{name} {method}: {time.perf_counter() - start:.0f} s for 15 runs', flush=True)
+      runs = len(LR_FACTORS) * len(SEEDS)
+      print(f'{name} {method}: {time.perf_counter() - start:.0f} s for {runs} runs', flush=True)
     summarise(task, results, options)
     if args.out:
       plot(task, results, options, args.out)
