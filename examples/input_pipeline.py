@@ -187,28 +187,21 @@ class DatasetSpec:
 # all return {'image': float32 [H, W, C], 'label': int32 []}.
 
 
-def shift_nearest(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
-  """`image` moved down by `dy` and right by `dx` pixels, the border pixels repeated.
-
-  Keras' translation with fill_mode='nearest': every output pixel is read from
-  the source coordinate clipped to the image.
-  """
-  height, width = image.shape[:2]
-  rows = np.clip(np.arange(height) - dy, 0, height - 1)
-  cols = np.clip(np.arange(width) - dx, 0, width - 1)
-  return image[rows[:, None], cols[None, :]]
-
-
 def _cifar10_train(
   example: Example, rng: np.random.Generator, *, pixel_mean: np.ndarray
 ) -> Example:
   # Keras subtracts the mean image before ImageDataGenerator shifts it.
   image = example['image'].astype(np.float32) / np.float32(255) - pixel_mean
   dy, dx = rng.integers(-CIFAR10_MAX_SHIFT, CIFAR10_MAX_SHIFT + 1, size=2)
-  image = shift_nearest(image, dy, dx)
+  # A translation with fill_mode='nearest' reads every output pixel from the
+  # clipped source coordinate, which replicates the border pixels.
+  height, width = image.shape[:2]
+  rows = np.clip(np.arange(height) - dy, 0, height - 1)
+  cols = np.clip(np.arange(width) - dx, 0, width - 1)
   if rng.random() < 0.5:
-    image = image[:, ::-1]
-  return {'image': np.ascontiguousarray(image), 'label': np.int32(example['label'])}
+    cols = cols[::-1]  # The horizontal flip of the shifted image.
+  # Two takes of whole rows and columns: a few times faster than one 2-D gather.
+  return {'image': image.take(rows, axis=0).take(cols, axis=1), 'label': np.int32(example['label'])}
 
 
 def _cifar10_eval(example: Example, *, pixel_mean: np.ndarray) -> Example:
