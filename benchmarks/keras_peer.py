@@ -22,7 +22,8 @@ over the median step time; the ratio jax / keras is taken round by round.
 
 Like `examples.main`, the script sets `examples.main.CPU_XLA_FLAGS` in `XLA_FLAGS`
 before JAX starts (`--no-xla-flags`: XLA's defaults). TensorFlow's own copy of XLA,
-which runs the Keras XLA step, reads `XLA_FLAGS` too. From the repository root:
+which runs the Keras XLA step, reads `XLA_FLAGS` too. With TensorFlow installed
+(`pip install -e '.[keras_peer]'`), from the repository root:
 
   python -m benchmarks.keras_peer
   python -m benchmarks.keras_peer --no-xla-flags
@@ -35,14 +36,10 @@ import argparse
 import os
 import time
 import warnings
-
-# Keras on TensorFlow; TensorFlow must see no GPU that JAX uses.
-os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from typing import Any
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from benchmarks.machine import machine
 from benchmarks.timing import (
@@ -58,8 +55,24 @@ from benchmarks.timing import (
 from examples import optimizers, schema, train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
-tf.config.set_visible_devices([], 'GPU')
-import keras  # noqa: E402  (after the backend is chosen)
+# TensorFlow and Keras come with the [keras_peer] extra, not with [examples]: imported
+# by `import_keras` when the benchmark runs, so that importing this module needs neither.
+tf: Any = None
+keras: Any = None
+
+
+def import_keras() -> None:
+  """Imports Keras on TensorFlow, which must see no GPU that JAX uses."""
+  global tf, keras
+  os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow
+
+  tensorflow.config.set_visible_devices([], 'GPU')
+  import keras as keras_module
+
+  tf, keras = tensorflow, keras_module
+
 
 CONFIGS = {'resnet20': cifar10_resnet20, 'efficientnet_b0': imagenet_efficientnet_b0}
 # (batch, image side) on a CPU.
@@ -169,6 +182,7 @@ def main() -> None:
   )  # fmt: skip
   add_xla_flags_argument(parser)
   args = parser.parse_args()
+  import_keras()
   set_trainer_xla_flags(args)
   warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
   print(machine())

@@ -12,10 +12,9 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Input pipelines for the reference trainers.
+"""Input pipelines for the reference trainers, on Grain.
 
-Four datasets, one entry each in `DATASETS`, are served through one `tf.data`
-batching path:
+Four datasets, one entry each in `DATASETS`, are served through one Grain path:
 
 * ``cifar10`` (TFDS): the augmentation of the Keras ``cifar10_resnet.py``
   example: random shifts of up to 10% of the width and height with 'nearest'
@@ -33,43 +32,41 @@ A dataset is added by one `DatasetSpec` in `DATASETS`: its source (a TFDS
 builder or arrays in memory), its image shape, its train and evaluation
 preprocessing, and whether its splits are cached by default.
 
-The global batch sequence of a train epoch is a function of ``(seed, epoch)``
-alone, whatever the number of processes and devices: the epoch is a seeded
-permutation of the whole training split (a new one for each further pass when
-``num_steps`` asks for more), batch n holds its examples
-``[n * batch_size, (n + 1) * batch_size)``, and the augmentation of each example is
-keyed by ``(seed, epoch, its position in the epoch)`` with stateless random ops.
-Each process reads only the rows of each global batch that its devices hold (a
-contiguous block, process 0 first) by random access, and can start at any step:
-a run resumed anywhere sees exactly the batches an uninterrupted run would have
-seen, on one process or many.
+Every split is an index-addressable source for `grain.MapDataset.source`: arrays
+in memory, or TFDS' `data_source` over a split prepared as ArrayRecord (read
+without TensorFlow). Images are decoded and augmented with Pillow and NumPy.
 
-Random access needs the training split in memory (digits, synthetic data, and the
-TFDS datasets when ``cache``, CIFAR-10's default) or prepared by TFDS as
-ArrayRecord (``--file_format=array_record``; ImageNet's way).
+The global batch sequence of a train epoch is a function of ``(seed, epoch)``
+alone, whatever the number of processes and devices: the epoch is Grain's seeded
+shuffle of the whole training split (a new permutation for each further pass when
+``num_steps`` asks for more), global batch n holds the epoch's examples
+``[n * batch_size, (n + 1) * batch_size)``, and `random_map` keys each example's
+augmentation by the epoch's seed and its position in the epoch. Each process reads
+only the rows of each global batch that its devices hold (a contiguous block,
+process 0 first), and a run resumed at any step (the iterator's state) sees exactly
+the batches an uninterrupted run would have seen, on one process or many.
 
 Evaluation batches are read in order, each process its own slice of the split,
 and carry a ``mask``; the last one is padded, so that evaluation covers the
 split exactly once.
 
-The functions take the trainer config's fields of the same names as arguments
-(see examples/configs/default.py): ``dataset``, ``data_dir``, ``image_size``,
-``num_channels``, ``num_classes``, ``synthetic_train_size``,
-``synthetic_test_size``, ``cache`` and ``seed``; ``num_steps`` is
-``steps_per_epoch`` for training and ``steps_per_eval`` for evaluation.
+The functions take a `DatasetOptions`, built once from the trainer config's fields
+of the same names (see examples/configs/default.py).
 """
 
 import dataclasses
 import functools
+import io
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 SPLITS = ('train', 'test')
 
@@ -81,12 +78,23 @@ STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # The evaluation crop keeps image_size / (image_size + CROP_PADDING) of the
 # shorter side, as in the Inception and EfficientNet references.
 CROP_PADDING = 32
+# The Inception crop: `tf.image.sample_distorted_bounding_box`'s arguments in the
+# references (min_object_covered=0.1 of the whole image, 10 attempts).
+CROP_AREA_RANGE = (0.08, 1.0)
+CROP_MIN_COVERED = 0.1
+CROP_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
 
 DIGITS_TEST_SIZE = 360
 
-Example = dict[str, tf.Tensor]
-# A train function takes a per-example stateless seed (int64 [2]) besides the example.
-TrainFn = Callable[[Example, tf.Tensor], Example]
+# Threads that read and preprocess batches ahead of the trainer, and the batches
+# they may hold ready.
+READ_THREADS = min(os.cpu_count() or 1, 8)
+PREFETCH_BATCHES = 2 * READ_THREADS
+
+Example = dict[str, Any]
+# A train function takes a per-example `np.random.Generator` besides the example.
+TrainFn = Callable[[Example, np.random.Generator], Example]
 EvalFn = Callable[[Example], Example]
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -103,23 +111,30 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetOptions:
-  """What reading a dataset may depend on besides its name.
+  """What reading a dataset depends on, besides the split and the batches asked for.
 
   Attributes:
+    dataset: one of `KNOWN_DATASETS`.
     data_dir: the TFDS data directory; None for TFDS' default.
     image_size: ImageNet's crop size; the synthetic images' side.
     num_channels: the synthetic images' channels.
     num_classes: the synthetic data's classes.
     synthetic_train_size: the synthetic training split's examples.
     synthetic_test_size: the synthetic test split's examples.
+    seed: with the epoch, decides the train order and augmentation.
+    cache: keep the TFDS splits decoded in memory across epochs; None: the dataset's
+      default (`DatasetSpec.cache`: yes but for ImageNet).
   """
 
-  data_dir: str | None
-  image_size: int
-  num_channels: int
-  num_classes: int
-  synthetic_train_size: int
-  synthetic_test_size: int
+  dataset: str
+  data_dir: str | None = None
+  image_size: int = 32
+  num_channels: int = 3
+  num_classes: int = 10
+  synthetic_train_size: int = 1024
+  synthetic_test_size: int = 256
+  seed: int = 0
+  cache: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,100 +183,122 @@ class DatasetSpec:
 
 
 # --------------------------------------------------------------------------
-# Preprocessing. Train functions take a per-example stateless seed `key`
-# (int64 [2]); all return {'image': float32 [H, W, C], 'label': int32 []}.
+# Preprocessing. Train functions take a per-example `np.random.Generator`;
+# all return {'image': float32 [H, W, C], 'label': int32 []}.
 
 
-def _cifar10_train(example: Example, key: tf.Tensor, *, pixel_mean: np.ndarray) -> Example:
+def _cifar10_train(
+  example: Example, rng: np.random.Generator, *, pixel_mean: np.ndarray
+) -> Example:
   # Keras subtracts the mean image before ImageDataGenerator shifts it.
-  image = tf.cast(example['image'], tf.float32) / 255.0 - pixel_mean
-  shift_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  shift = tf.random.stateless_uniform(
-    [2], shift_key, minval=-CIFAR10_MAX_SHIFT, maxval=CIFAR10_MAX_SHIFT + 1, dtype=tf.int32
-  )
+  image = example['image'].astype(np.float32) / np.float32(255) - pixel_mean
+  dy, dx = rng.integers(-CIFAR10_MAX_SHIFT, CIFAR10_MAX_SHIFT + 1, size=2)
   # A translation with fill_mode='nearest' reads every output pixel from the
   # clipped source coordinate, which replicates the border pixels.
-  height, width = image.shape[0], image.shape[1]
-  rows = tf.clip_by_value(tf.range(height) - shift[0], 0, height - 1)
-  cols = tf.clip_by_value(tf.range(width) - shift[1], 0, width - 1)
-  image = tf.gather(tf.gather(image, rows, axis=0), cols, axis=1)
-  image = tf.image.stateless_random_flip_left_right(image, flip_key)
-  return {'image': image, 'label': example['label']}
+  height, width = image.shape[:2]
+  rows = np.clip(np.arange(height) - dy, 0, height - 1)
+  cols = np.clip(np.arange(width) - dx, 0, width - 1)
+  if rng.random() < 0.5:
+    cols = cols[::-1]  # The horizontal flip of the shifted image.
+  # Two takes of whole rows and columns: a few times faster than one 2-D gather.
+  return {'image': image.take(rows, axis=0).take(cols, axis=1), 'label': np.int32(example['label'])}
 
 
 def _cifar10_eval(example: Example, *, pixel_mean: np.ndarray) -> Example:
-  image = tf.cast(example['image'], tf.float32) / 255.0 - pixel_mean
-  return {'image': image, 'label': example['label']}
+  image = example['image'].astype(np.float32) / np.float32(255) - pixel_mean
+  return {'image': image, 'label': np.int32(example['label'])}
 
 
-def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
-  image = tf.image.resize(image, [image_size, image_size], method='bicubic')
-  return tf.ensure_shape(image, [image_size, image_size, 3])
+def _open_jpeg(image_bytes: bytes) -> Image.Image:
+  # Opening reads the header only: the pixels are decoded by the crop's load.
+  return Image.open(io.BytesIO(image_bytes))
 
 
-def _normalize(image: tf.Tensor) -> tf.Tensor:
-  return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+def _crop_and_resize(image: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+  """The crop `box` = (top, left, height, width) of `image`, resized to `size` x `size`."""
+  top, left, height, width = box
+  # JPEG's draft mode decodes at 1/2, 1/4 or 1/8 of the size directly, the least
+  # reduction that keeps the crop at least `size` pixels a side.
+  scale = min(width, height) / size
+  if image.format == 'JPEG' and scale >= 2:
+    full_width, full_height = image.size
+    image.draft('RGB', (math.ceil(full_width / scale), math.ceil(full_height / scale)))
+    ratio = image.size[0] / full_width
+    top, left = int(top * ratio), int(left * ratio)
+    height, width = max(int(height * ratio), 1), max(int(width * ratio), 1)
+  image = image.convert('RGB').crop((left, top, left + width, top + height))
+  image = image.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(image, np.float32)
 
 
-def _center_crop(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Decodes the padded center square of a JPEG and resizes it."""
-  shape = tf.io.extract_jpeg_shape(image_bytes)
-  height, width = shape[0], shape[1]
+def center_crop_box(height: int, width: int, image_size: int) -> tuple[int, int, int, int]:
+  """The padded centre square of the evaluation: (top, left, side, side)."""
   fraction = image_size / (image_size + CROP_PADDING)
-  crop = tf.cast(fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
-  crop = tf.maximum(crop, 1)
-  window = tf.stack([(height - crop + 1) // 2, (width - crop + 1) // 2, crop, crop])
-  image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
-  return _resize(image, image_size)
+  side = max(int(fraction * min(height, width)), 1)
+  return (height - side + 1) // 2, (width - side + 1) // 2, side, side
 
 
-def _random_crop(image_bytes: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Decodes an Inception-style random crop (8%-100% of the area) of a JPEG."""
-  shape = tf.io.extract_jpeg_shape(image_bytes)
-  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, shape=[1, 1, 4])
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    bounding_boxes=whole_image,
-    seed=key,
-    min_object_covered=0.1,
-    aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
-    area_range=(0.08, 1.0),
-    max_attempts=10,
-    use_image_if_no_bounding_boxes=True,
-  )
-  # The op returns the whole image when no attempt met the constraints; the
-  # references then fall back to the evaluation crop rather than squash it.
-  found = tf.reduce_any(tf.not_equal(size[:2], shape[:2]))
+def random_crop_box(
+  height: int, width: int, rng: np.random.Generator
+) -> tuple[int, int, int, int] | None:
+  """An Inception crop (top, left, height, width) of a `height` x `width` image, or None.
 
-  def crop() -> tf.Tensor:
-    window = tf.stack([begin[0], begin[1], size[0], size[1]])
-    return _resize(tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3), image_size)
+  As `tf.image.sample_distorted_bounding_box` with the whole image as the object:
+  up to `CROP_ATTEMPTS` draws of an aspect ratio and an area fraction uniform in
+  their ranges; the first crop that fits the image and covers at least
+  `CROP_MIN_COVERED` of it, at a uniform position. None when no attempt fits.
+  """
+  image_area = height * width
+  for _ in range(CROP_ATTEMPTS):
+    aspect_ratio = rng.uniform(*CROP_ASPECT_RATIO_RANGE)
+    area = rng.uniform(*CROP_AREA_RANGE) * image_area
+    crop_height = round(math.sqrt(area / aspect_ratio))
+    crop_width = round(crop_height * aspect_ratio)
+    if (
+      0 < crop_height <= height
+      and 0 < crop_width <= width
+      and crop_height * crop_width >= CROP_MIN_COVERED * image_area
+    ):
+      top = int(rng.integers(0, height - crop_height + 1))
+      left = int(rng.integers(0, width - crop_width + 1))
+      return top, left, crop_height, crop_width
+  return None
 
-  return tf.cond(found, crop, lambda: _center_crop(image_bytes, image_size))
+
+def _normalize(image: np.ndarray) -> np.ndarray:
+  mean, std = np.float32(MEAN_RGB), np.float32(STDDEV_RGB)
+  return (image - mean) / std
 
 
-def _imagenet_train(example: Example, key: tf.Tensor, *, image_size: int) -> Example:
-  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  image = _random_crop(example['image'], crop_key, image_size)
-  image = tf.image.stateless_random_flip_left_right(image, flip_key)
-  return {'image': _normalize(image), 'label': example['label']}
+def _imagenet_train(example: Example, rng: np.random.Generator, *, image_size: int) -> Example:
+  image = _open_jpeg(example['image'])
+  width, height = image.size
+  # When no attempt fits, the references fall back to the evaluation crop rather
+  # than squash the whole image.
+  box = random_crop_box(height, width, rng) or center_crop_box(height, width, image_size)
+  pixels = _crop_and_resize(image, box, image_size)
+  if rng.random() < 0.5:
+    pixels = pixels[:, ::-1]
+  return {'image': _normalize(pixels), 'label': np.int32(example['label'])}
 
 
 def _imagenet_eval(example: Example, *, image_size: int) -> Example:
-  image = _center_crop(example['image'], image_size)
-  return {'image': _normalize(image), 'label': example['label']}
+  image = _open_jpeg(example['image'])
+  width, height = image.size
+  pixels = _crop_and_resize(image, center_crop_box(height, width, image_size), image_size)
+  return {'image': _normalize(pixels), 'label': np.int32(example['label'])}
 
 
-def _to_float(example: Example, key: tf.Tensor | None = None) -> Example:
-  del key  # Digits and synthetic data are not augmented.
+def _to_float(example: Example, rng: np.random.Generator | None = None) -> Example:
+  del rng  # Digits and synthetic data are not augmented.
   image = example['image']
-  if image.dtype == tf.uint8:
-    image = tf.cast(image, tf.float32) / 255.0
-  return {'image': image, 'label': example['label']}
+  if image.dtype == np.uint8:
+    image = image.astype(np.float32) / np.float32(255)
+  return {'image': image, 'label': np.int32(example['label'])}
 
 
 def _cifar10_preprocess(options: DatasetOptions) -> tuple[TrainFn, EvalFn]:
-  pixel_mean = _cifar10_pixel_mean(options.data_dir)
+  pixel_mean = _cifar10_pixel_mean(options.data_dir, _cache(options))
   return (
     functools.partial(_cifar10_train, pixel_mean=pixel_mean),
     functools.partial(_cifar10_eval, pixel_mean=pixel_mean),
@@ -337,18 +374,15 @@ def _synthetic_data(options: DatasetOptions) -> Arrays:
 
 
 @functools.cache
-def _cifar10_pixel_mean(data_dir: str | None) -> np.ndarray:
+def _cifar10_pixel_mean(data_dir: str | None, cache: bool) -> np.ndarray:
   """The mean training image in [0, 1], [32, 32, 3]: over the whole split, all processes."""
-  builder = tfds.builder('cifar10', data_dir=data_dir)
-  ds = builder.as_dataset(split='train', read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.map(lambda ex: tf.cast(ex['image'], tf.float64), num_parallel_calls=tf.data.AUTOTUNE)
-  # Sum per batch in float64 so that 50k images lose no precision.
-  ds = ds.batch(1024).map(lambda x: (tf.reduce_sum(x, axis=0), tf.shape(x)[0]))
-  total, count = np.zeros([32, 32, 3], np.float64), 0
-  for batch_sum, batch_count in ds.as_numpy_iterator():
-    total += batch_sum
-    count += int(batch_count)
-  return (total / count / 255.0).astype(np.float32)
+  source = _tfds_split('cifar10', data_dir, 'train', cache=cache)
+  total = np.zeros([32, 32, 3], np.float64)
+  # Summed in float64 chunks so that 50k images lose no precision.
+  for start in range(0, len(source), 1024):
+    records = _read(source, range(start, min(start + 1024, len(source))))
+    total += np.sum([r['image'] for r in records], axis=0, dtype=np.float64)
+  return (total / len(source) / 255.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -397,26 +431,28 @@ def get_dataset(dataset: str) -> DatasetSpec:
   return DATASETS[dataset]
 
 
+def _prepare_command(name: str, root: str) -> str:
+  return f'tfds build {name} --file_format=array_record --data_dir={root}'
+
+
 def _not_prepared_message(
   name: str, builder: tfds.core.DatasetBuilder, manual_download: str | None
 ) -> str:
   # builder.data_dir is <root>/<name>/<version>; the commands want <root>.
   root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
-  prepare = (
-    'python -m tensorflow_datasets.scripts.download_and_prepare '
-    f'--datasets={name} --data_dir={root}'
-  )
+  prepare = _prepare_command(name, root)
+  needs = "(with coolopt's [prepare] extra, which brings TensorFlow for the encoding)"
   if manual_download is not None:
     manual_dir = os.path.join(root, 'downloads', 'manual')
     return (
       f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). '
-      f'{manual_download.format(manual_dir=manual_dir)}, then run\n'
+      f'{manual_download.format(manual_dir=manual_dir)}, then run {needs}\n'
       f'  {prepare}\n'
       'or point config.data_dir at the directory that holds the prepared dataset.'
     )
   return (
     f'Dataset {name} is not prepared in {root} (no {builder.data_dir}). Prepare it on a machine '
-    f'with network access with\n  {prepare}\n'
+    f'with network access {needs} with\n  {prepare}\n'
     'and copy that directory here, or point config.data_dir at the directory that holds it.'
   )
 
@@ -431,10 +467,10 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def _info(name: str, options: DatasetOptions) -> DatasetInfo:
-  spec = get_dataset(name)
+def _info(options: DatasetOptions) -> DatasetInfo:
+  spec = get_dataset(options.dataset)
   if spec.arrays is None:
-    builder = _tfds_builder(name, options.data_dir)
+    builder = _tfds_builder(options.dataset, options.data_dir)
     return DatasetInfo(
       num_train=builder.info.splits[spec.tfds_splits['train']].num_examples,
       num_test=builder.info.splits[spec.tfds_splits['test']].num_examples,
@@ -450,31 +486,14 @@ def _info(name: str, options: DatasetOptions) -> DatasetInfo:
   )
 
 
-def dataset_info(
-  dataset: str,
-  *,
-  data_dir: str | None = None,
-  image_size: int = 32,
-  num_channels: int = 3,
-  num_classes: int = 10,
-  synthetic_train_size: int = 1024,
-  synthetic_test_size: int = 256,
-) -> DatasetInfo:
-  """Returns the sizes and shapes of `dataset`.
-
-  Args:
-    dataset: one of `KNOWN_DATASETS`.
-    data_dir, image_size, num_channels, num_classes, synthetic_train_size,
-      synthetic_test_size: as for `create_input_iter`.
+def dataset_info(options: DatasetOptions) -> DatasetInfo:
+  """Returns the sizes and shapes of `options.dataset`.
 
   Raises:
     ValueError: for an unknown dataset.
-    FileNotFoundError: if a TFDS dataset has not been prepared in `data_dir`.
+    FileNotFoundError: if a TFDS dataset has not been prepared in `options.data_dir`.
   """
-  options = DatasetOptions(
-    data_dir, image_size, num_channels, num_classes, synthetic_train_size, synthetic_test_size
-  )
-  return _info(dataset, options)
+  return _info(options)
 
 
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int, steps: int | None = -1) -> int:
@@ -497,7 +516,7 @@ def steps_per_eval(info: DatasetInfo, global_batch_size: int, steps: int | None 
 
 
 # --------------------------------------------------------------------------
-# Sources: one process's slice of a split, before preprocessing.
+# Sources: a whole split, addressable by index, before preprocessing.
 
 
 def _check_split(split: str) -> None:
@@ -510,220 +529,140 @@ def _process_slice(n: int, index: int, count: int) -> slice:
   return slice(index * n // count, (index + 1) * n // count)
 
 
-# Cached TFDS sources, kept across calls so that the in-memory `cache()` is
-# filled once and reused by every later epoch and evaluation.
-_CACHED_SOURCES: dict[tuple[Any, ...], tf.data.Dataset] = {}
+@dataclasses.dataclass(frozen=True)
+class ArraySource(Sequence):
+  """Images and labels in memory as a Grain source of {'image', 'label'} records."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> Example:
+    return {'image': self.images[index], 'label': self.labels[index]}
 
 
-def _tfds_source(name: str, data_dir: str | None, split: str, *, cache: bool) -> tf.data.Dataset:
-  """This process's slice of `split`, in file order, for evaluation."""
+def _read(source: Sequence, indices: Sequence[int]) -> list[Example]:
+  return [source[int(i)] for i in indices]
+
+
+def _cache(options: DatasetOptions) -> bool:
+  return get_dataset(options.dataset).cache if options.cache is None else options.cache
+
+
+@functools.cache
+def _tfds_split(name: str, data_dir: str | None, split: str, *, cache: bool) -> Sequence:
+  """A split of a prepared TFDS dataset, by index: its ArrayRecord data source, or
+  (`cache`) its records decoded once into memory."""
   spec = DATASETS[name]
   builder = _tfds_builder(name, data_dir)
-  key = (name, os.fspath(builder.data_dir), split, jax.process_index(), jax.process_count())
-  if cache and key in _CACHED_SOURCES:
-    return _CACHED_SOURCES[key]
-  ds = builder.as_dataset(
-    split=tfds.split_for_jax_process(spec.tfds_splits[split]),
-    shuffle_files=False,
-    decoders={'image': tfds.decode.SkipDecoding()} if spec.decode_after_crop else None,
-    read_config=tfds.ReadConfig(
-      try_autocache=False,
-      skip_prefetch=True,
-    ),
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+    raise ValueError(
+      f'The {name} splits in {builder.data_dir} are stored as '
+      f'{builder.info.file_format.value}, which cannot be read by index. Prepare them as '
+      f'ArrayRecord with\n  {_prepare_command(name, root)}'
+    )
+  decoders = {'image': tfds.decode.SkipDecoding()} if spec.decode_after_crop else None
+  source = builder.as_data_source(split=spec.tfds_splits[split], decoders=decoders)
+  if not cache:
+    return source
+  records = _read(source, range(len(source)))
+  images = [r['image'] for r in records]
+  return ArraySource(
+    images=np.array(images, dtype=object) if isinstance(images[0], bytes) else np.stack(images),
+    labels=np.asarray([r['label'] for r in records], np.int32),
   )
-  ds = ds.map(
-    lambda ex: {'image': ex['image'], 'label': tf.cast(ex['label'], tf.int32)},
-    num_parallel_calls=tf.data.AUTOTUNE,
-  )
-  if cache:
-    ds = ds.cache()
-    _CACHED_SOURCES[key] = ds
-  return ds
 
 
-def _array_source(arrays: Arrays, split: str) -> tf.data.Dataset:
-  images, labels = arrays[split]
-  local = _process_slice(len(labels), jax.process_index(), jax.process_count())
-  return tf.data.Dataset.from_tensor_slices({'image': images[local], 'label': labels[local]})
+def _source(options: DatasetOptions, split: str) -> Sequence:
+  """The whole `split`, as a sequence of {'image', 'label', ...} records."""
+  spec = get_dataset(options.dataset)
+  if spec.arrays is not None:
+    return ArraySource(*spec.arrays(options)[split])
+  return _tfds_split(options.dataset, options.data_dir, split, cache=_cache(options))
 
 
 # --------------------------------------------------------------------------
 # Batching.
 
 
-def epoch_order(num_train: int, seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The training-split indices of the first `num_examples` examples of an epoch.
+def epoch_seed(seed: int, epoch: int) -> int:
+  """The Grain seed of an epoch's shuffle and augmentation, from `(seed, epoch)`.
 
-  One seeded permutation of `range(num_train)` per pass over the split, so that every
-  process computes the same global order.
+  SeedSequence mixes its entropy well: neighbouring epochs and seeds give unrelated
+  seeds (Grain's own per-pass reseeding adds the pass to the seed).
   """
-  passes = math.ceil(num_examples / num_train)
-  orders = [
-    np.random.default_rng(np.random.SeedSequence([seed % 2**32, epoch, k])).permutation(num_train)
-    for k in range(passes)
-  ]
-  return np.concatenate(orders)[:num_examples]
+  return int(np.random.SeedSequence([int(seed) % 2**32, epoch]).generate_state(1)[0])
 
 
-def _augment_key(seed: int, epoch: int) -> np.ndarray:
-  # SeedSequence mixes its entropy well: neighbouring epochs and seeds give unrelated keys.
-  state = np.random.SeedSequence([int(seed) % 2**32, epoch, 2**31]).generate_state(2)
-  return state.astype(np.int64)
-
-
-# Training splits held for random access, kept across epochs.
-_TRAIN_ROWS: dict[tuple[Any, ...], Callable[[np.ndarray], dict[str, np.ndarray]]] = {}
-
-
-def _stack_records(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-  image = [r['image'] for r in records]
-  return {
-    # Encoded JPEGs (bytes) stay an object array; tf.numpy_function makes them strings.
-    'image': np.array(image, dtype=object) if isinstance(image[0], bytes) else np.stack(image),
-    'label': np.asarray([r['label'] for r in records], np.int32),
-  }
-
-
-def _train_rows(
-  name: str, options: DatasetOptions, *, cache: bool
-) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-  """`read(indices)`: the training examples at `indices`, by random access."""
-  spec = DATASETS[name]
-  if spec.arrays is not None:
-    images, labels = spec.arrays(options)['train']
-    return lambda indices: {'image': images[indices], 'label': labels[indices]}
-
-  builder = _tfds_builder(name, options.data_dir)
-  key = (name, os.fspath(builder.data_dir))
-  if key in _TRAIN_ROWS:
-    return _TRAIN_ROWS[key]
-  split = spec.tfds_splits['train']
-  decoders = {'image': tfds.decode.SkipDecoding()} if spec.decode_after_crop else None
-  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-    source = builder.as_data_source(split=split, decoders=decoders)
-
-    def read(indices):
-      return _stack_records(source.__getitems__([int(i) for i in indices]))
-
-  elif cache:
-    ds = builder.as_dataset(
-      split=split,
-      decoders=decoders,
-      read_config=tfds.ReadConfig(try_autocache=False, skip_prefetch=True),
-    )
-    records = list(ds.batch(1024).as_numpy_iterator())
-    arrays = {
-      'image': np.concatenate([r['image'] for r in records]),
-      'label': np.concatenate([r['label'] for r in records]).astype(np.int32),
-    }
-
-    def read(indices):
-      return {k: v[indices] for k, v in arrays.items()}
-
-  else:
-    raise ValueError(
-      f'The training split of {name} in {builder.data_dir} is stored as '
-      f'{builder.info.file_format.value}, which cannot be read by index, and '
-      f'config.cache=False keeps it out of memory. Prepare it as ArrayRecord with\n'
-      f'  tfds build {name} --file_format=array_record --data_dir=<data_dir>\n'
-      'or set config.cache=True if it fits in memory.'
-    )
-  _TRAIN_ROWS[key] = read
-  return read
-
-
-def _train_batches(
-  read: Callable[[np.ndarray], dict[str, np.ndarray]],
+def _train_dataset(
+  source: Sequence,
   train_fn: TrainFn,
-  info: DatasetInfo,
   *,
   seed: int,
-  epoch: int,
   global_batch_size: int,
   num_batches: int,
-  start_step: int,
-) -> tf.data.Dataset:
-  """This process's rows of the epoch's global batches `start_step`, ... as examples."""
+) -> grain.MapDataset:
+  """This process's rows of the epoch's `num_batches` global batches."""
   process, processes = jax.process_index(), jax.process_count()
-  local_batch_size = global_batch_size // processes
-  order = epoch_order(info.num_train, seed, epoch, num_batches * global_batch_size)
-  positions = np.arange(num_batches * global_batch_size).reshape(num_batches, global_batch_size)
-  rows = slice(process * local_batch_size, (process + 1) * local_batch_size)
-  positions = positions[start_step:, rows]
-  indices = order.reshape(num_batches, global_batch_size)[start_step:, rows]
-  augment_key = _augment_key(seed, epoch)
-  sample = read(indices[:1, 0] if indices.size else np.zeros([1], np.int64))
-  image_shape = [local_batch_size, *sample['image'].shape[1:]]
-  image_dtype = tf.string if sample['image'].dtype == object else tf.as_dtype(sample['image'].dtype)
+  ds = grain.MapDataset.source(source)
+  # A new permutation for every pass over the split (shuffle before repeat).
+  passes = math.ceil(num_batches * global_batch_size / len(source))
+  ds = ds.shuffle(seed=seed).repeat(passes)[: num_batches * global_batch_size]
+  # Keyed by the seed and the position in the epoch, not by the process that reads it.
+  ds = ds.random_map(train_fn, seed=seed)
+  # Grain slices by process element-wise (ds[process::processes]); rows one process
+  # apart would put other examples on each device than a single process does. Sliced
+  # in blocks of a process's rows instead, global batch n is the blocks
+  # n * processes, ..., (n + 1) * processes - 1, process 0's first; and since a
+  # MapDataset reads only the elements asked for, each process reads only its rows.
+  return ds.batch(global_batch_size // processes)[process::processes]
 
-  def fetch(batch_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rows = read(batch_indices)
-    return rows['image'], rows['label']
 
-  def load(batch_indices, batch_positions):
-    image, label = tf.numpy_function(fetch, [batch_indices], [image_dtype, tf.int32])
-    image = tf.ensure_shape(image, image_shape)
-    label = tf.ensure_shape(label, [local_batch_size])
-    return {'image': image, 'label': label}, batch_positions
+def _eval_dataset(
+  source: Sequence, eval_fn: EvalFn, *, local_batch_size: int, num_batches: int
+) -> grain.MapDataset:
+  """This process's slice of `source` in `num_batches` batches, each example with
+  'mask' 1, then padding with 0."""
+  local = _process_slice(len(source), jax.process_index(), jax.process_count())
+  ds = grain.MapDataset.source(source)[local]
+  ds = ds.map(lambda example: {**eval_fn(example), 'mask': np.float32(1.0)})
+  # All-zero examples with mask 0 fill the last batch (and any batch past the end
+  # of this process's slice), so every test example is counted exactly once and
+  # every process runs the same number of steps.
+  padding = jax.tree.map(np.zeros_like, {**eval_fn(source[0]), 'mask': np.float32(0.0)})
+  num_padding = max(num_batches * local_batch_size - len(ds), 0)
+  if num_padding:
+    padded = grain.MapDataset.source([padding]).repeat(num_padding)
+    ds = grain.MapDataset.concatenate([ds, padded])
+  return ds.batch(local_batch_size)[:num_batches]
 
-  ds = tf.data.Dataset.from_tensor_slices((indices, positions))
-  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.unbatch()
+
+def _iterate(
+  ds: grain.MapDataset, num_local_devices: int, start: int = 0
+) -> Iterator[dict[str, np.ndarray]]:
+  """The batches of `ds` from its `start`-th on, read ahead by threads, each array
+  [num_local_devices, per_device, ...]."""
   ds = ds.map(
-    lambda example, position: train_fn(
-      example, tf.random.experimental.stateless_fold_in(augment_key, position)
-    ),
-    num_parallel_calls=tf.data.AUTOTUNE,
-    deterministic=True,
+    lambda batch: {k: v.reshape(num_local_devices, -1, *v.shape[1:]) for k, v in batch.items()}
   )
-  return ds.batch(local_batch_size, drop_remainder=True)
-
-
-def _eval_batches(
-  source: tf.data.Dataset, eval_fn: EvalFn, *, local_batch_size: int, num_batches: int
-) -> tf.data.Dataset:
-  """`num_batches` batches of `source`, each example with 'mask' 1, then padding with 0."""
-
-  def with_mask(example: Example) -> Example:
-    return {**eval_fn(example), 'mask': tf.constant(1.0, tf.float32)}
-
-  ds = source.map(with_mask, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  # Endless all-zero examples with mask 0 fill the last batch (and any batch
-  # past the end of this process's slice), so every test example is counted
-  # exactly once and every process runs the same number of steps.
-  padding = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
-  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.take(num_batches)
-
-
-def _shard(batch: Example, num_local_devices: int) -> Example:
-  return {k: tf.reshape(v, [num_local_devices, -1, *v.shape[1:]]) for k, v in batch.items()}
-
-
-def _finish(ds: tf.data.Dataset, num_local_devices: int) -> Iterator[dict[str, np.ndarray]]:
-  ds = ds.map(functools.partial(_shard, num_local_devices=num_local_devices))
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  return ds.with_options(options).as_numpy_iterator()
+  read_options = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+  iterator = iter(ds.to_iter_dataset(read_options))
+  # The iterator's state is the index of its next batch: setting it resumes inside
+  # the epoch without reading the batches before.
+  iterator.set_state({'next_index': start})
+  return iterator
 
 
 def create_input_iter(
-  dataset: str,
+  options: DatasetOptions,
   split: str,
   *,
   global_batch_size: int,
   epoch: int = 0,
-  seed: int = 0,
   num_steps: int | None = -1,
-  cache: bool | None = None,
-  data_dir: str | None = None,
-  image_size: int = 32,
-  num_channels: int = 3,
-  num_classes: int = 10,
-  synthetic_train_size: int = 1024,
-  synthetic_test_size: int = 256,
   num_local_devices: int | None = None,
   evaluation: bool | None = None,
   start_step: int = 0,
@@ -731,24 +670,15 @@ def create_input_iter(
   """Returns an iterator over one epoch of this process's batches of `split`.
 
   Args:
-    dataset: one of `KNOWN_DATASETS`.
+    options: the dataset and how to read it.
     split: 'train' or 'test'.
     global_batch_size: examples per step over all processes and devices.
     epoch: the epoch number; the train order and augmentation depend only on it
-      and `seed`. Ignored for evaluation.
-    seed: with `epoch`, decides the train order and augmentation.
+      and `options.seed`. Ignored for evaluation.
     num_steps: the batches to yield: for training the epoch's steps (a permutation
       of the split for each pass they need), for evaluation on 'test' the first
       `num_steps` batches; -1 or None: one pass over the split. Evaluation on
       'train' always covers the split once.
-    cache: keep the TFDS splits in memory across epochs; None: the dataset's
-      default (`DatasetSpec.cache`: yes but for ImageNet).
-    data_dir: the TFDS data directory; None for TFDS' default.
-    image_size: ImageNet's crop size; the synthetic images' side.
-    num_channels: the synthetic images' channels.
-    num_classes: the synthetic data's classes.
-    synthetic_train_size: the synthetic training split's examples.
-    synthetic_test_size: the synthetic test split's examples.
     num_local_devices: leading dimension of the batches; defaults to
       `jax.local_device_count()`.
     evaluation: batches for evaluation: no augmentation, a 'mask', the whole split
@@ -764,12 +694,12 @@ def create_input_iter(
     'test' `steps_per_eval(info, global_batch_size, num_steps)`.
 
   Raises:
-    ValueError: for an unknown dataset or split, or a batch size that the
-      devices do not divide.
+    ValueError: for an unknown dataset or split, a batch size that the devices do
+      not divide, or a TFDS dataset not stored as ArrayRecord.
     FileNotFoundError: if a TFDS dataset has not been prepared in `data_dir`;
       the message says how to prepare it.
   """
-  spec = get_dataset(dataset)
+  spec = get_dataset(options.dataset)
   _check_split(split)
   if num_local_devices is None:
     num_local_devices = jax.local_device_count()
@@ -779,39 +709,30 @@ def create_input_iter(
       f'batch_size={global_batch_size} must be a positive multiple of the device count '
       f'{num_devices} ({jax.process_count()} processes x {num_local_devices} local devices).'
     )
-  local_batch_size = global_batch_size // jax.process_count()
-  options = DatasetOptions(
-    data_dir, image_size, num_channels, num_classes, synthetic_train_size, synthetic_test_size
-  )
-  info = _info(dataset, options)
-  if cache is None:
-    cache = spec.cache
+  info = _info(options)
   if evaluation is None:
     evaluation = split == 'test'
+  train_fn, eval_fn = spec.preprocess(options)
   if not evaluation:
     if split != 'train':
       raise ValueError(f'Only the train split is trained on, got split={split!r}.')
-    train_fn, _ = spec.preprocess(options)
-    ds = _train_batches(
-      _train_rows(dataset, options, cache=cache),
+    ds = _train_dataset(
+      _source(options, 'train'),
       train_fn,
-      info,
-      seed=seed,
-      epoch=epoch,
+      seed=epoch_seed(options.seed, epoch),
       global_batch_size=global_batch_size,
       num_batches=steps_per_epoch(info, global_batch_size, num_steps),
-      start_step=start_step,
     )
-    return _finish(ds, num_local_devices)
+    return _iterate(ds, num_local_devices, start_step)
 
-  _, eval_fn = spec.preprocess(options)
-  if spec.arrays is None:
-    source = _tfds_source(dataset, options.data_dir, split, cache=cache)
-  else:
-    source = _array_source(spec.arrays(options), split)
   if split == 'test':
     num_batches = steps_per_eval(info, global_batch_size, num_steps)
   else:
     num_batches = math.ceil(info.num_train / global_batch_size)
-  ds = _eval_batches(source, eval_fn, local_batch_size=local_batch_size, num_batches=num_batches)
-  return _finish(ds, num_local_devices)
+  ds = _eval_dataset(
+    _source(options, split),
+    eval_fn,
+    local_batch_size=global_batch_size // jax.process_count(),
+    num_batches=num_batches,
+  )
+  return _iterate(ds, num_local_devices)

@@ -1,8 +1,8 @@
 """What a run shows while it trains: a line per epoch and TensorBoard event files.
 
 The line of an epoch (`epoch_line`) is printed by process 0 (examples/train.py); the
-event files are written into the run's workdir by process 0 with Flax's
-`flax.metrics.tensorboard.SummaryWriter`, so that
+event files are written into the run's workdir by process 0 with TensorBoard's own
+event writer (`SummaryWriter`; Flax's needs TensorFlow), so that
 
   tensorboard --logdir workdir/digits
 
@@ -27,22 +27,42 @@ throughput and wall time, which measure the clock, differ).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flax.metrics import tensorboard
+from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.scalar import summary_v2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 # The row's fields that say where, not what: the events' step is the row's 'step'.
 _POSITION_FIELDS = ('epoch', 'step')
 
 
-def create_writer(workdir: str) -> tensorboard.SummaryWriter:
+class SummaryWriter:
+  """Scalars into an event file of `logdir`, as `tf.summary.scalar` writes them."""
+
+  def __init__(self, logdir: str):
+    self._writer = EventFileWriter(logdir)
+
+  def scalar(self, tag: str, value: float, step: int) -> None:
+    summary = summary_v2.scalar_pb(tag, np.float32(value))
+    self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def create_writer(workdir: str) -> SummaryWriter:
   """An event file writer into `workdir`, flushed by `flush` (see `write_epoch`)."""
-  return tensorboard.SummaryWriter(workdir, auto_flush=False)
+  return SummaryWriter(workdir)
 
 
-def write_epoch(writer: tensorboard.SummaryWriter, row: Mapping[str, Any]) -> None:
+def write_epoch(writer: SummaryWriter, row: Mapping[str, Any]) -> None:
   """Writes the numbers of an epoch's metrics row as `epoch/<field>` and flushes."""
   for key, value in row.items():
     if key not in _POSITION_FIELDS and isinstance(value, int | float):
@@ -50,7 +70,7 @@ def write_epoch(writer: tensorboard.SummaryWriter, row: Mapping[str, Any]) -> No
   writer.flush()
 
 
-def write_step(writer: tensorboard.SummaryWriter, step: int, values: Mapping[str, Any]) -> None:
+def write_step(writer: SummaryWriter, step: int, values: Mapping[str, Any]) -> None:
   """Writes `values` (None: absent) as `step/<name>` at the run's `step`."""
   for key, value in values.items():
     if value is not None:

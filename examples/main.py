@@ -14,10 +14,9 @@ sets them where it applies; otherwise the run is a single process.
 
 Output: on a terminal, a progress bar per epoch; one line per epoch (train loss, test
 accuracy or perplexity, rho, kinetic temperature, seconds) from process 0. The
-libraries' logs (orbax's checkpointing, JAX's backends, TensorFlow, absl) show from
-WARNING on; absl's verbosity flag shows more: `-v 0` (`--verbosity=0`) their INFO
-logs and every epoch's whole metrics row, `-v 1` DEBUG. TensorFlow's C++ logs follow
-`TF_CPP_MIN_LOG_LEVEL` (1 unless set: no INFO). The workdir holds TensorBoard event
+libraries' logs (orbax's checkpointing, JAX's backends, absl) show from WARNING on;
+absl's verbosity flag shows more: `-v 0` (`--verbosity=0`) their INFO logs and every
+epoch's whole metrics row, `-v 1` DEBUG. The workdir holds TensorBoard event
 files beside metrics.jsonl: `tensorboard --logdir WORKDIR`.
 """
 
@@ -25,7 +24,6 @@ import os
 from collections.abc import MutableMapping
 
 import jax
-import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -88,10 +86,8 @@ def set_log_levels(verbosity_given: bool) -> None:
   """Library logs from WARNING on, unless absl's `--verbosity` was given.
 
   absl's own default verbosity is INFO, at which orbax logs every step of every
-  checkpoint. TensorFlow's C++ logs follow `TF_CPP_MIN_LOG_LEVEL`, read at its first
-  log: 1 (no INFO) unless the environment sets it.
+  checkpoint.
   """
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   if not verbosity_given:
     logging.set_verbosity(logging.WARNING)
 
@@ -99,12 +95,10 @@ def set_log_levels(verbosity_given: bool) -> None:
 def setup(flag_values: flags.FlagValues = FLAGS) -> None:
   """What each entry point (main, compare, lr_find) does before it touches a device.
 
-  Hides the GPUs from TensorFlow, which only feeds data and must not take GPU memory
-  from JAX; sets `CPU_XLA_FLAGS` (`set_xla_flags`); sets the log levels
+  Sets `CPU_XLA_FLAGS` (`set_xla_flags`); sets the log levels
   (`set_log_levels`); starts multi-process JAX (`initialize_distributed`) from the
   flags `coordinator_address`, `num_processes` and `process_id`.
   """
-  tf.config.experimental.set_visible_devices([], 'GPU')
   set_xla_flags()
   set_log_levels(flag_values['verbosity'].present > 0)
   initialize_distributed(

@@ -220,6 +220,21 @@ def bptt_windows(
 # The trainer's view: the same calls as examples.input_pipeline's.
 
 
+@dataclasses.dataclass(frozen=True)
+class CorpusOptions:
+  """What reading a corpus depends on, besides the split and the windows asked for.
+
+  Attributes:
+    dataset: one of `TEXT_DATASETS`.
+    bptt: the tokens of a window.
+    data_dir: the directory of the `ptb` files.
+  """
+
+  dataset: str
+  bptt: int
+  data_dir: str | None = None
+
+
 def split_streams(
   dataset: str, split: str, *, batch_size: int, data_dir: str | None = None
 ) -> np.ndarray:
@@ -227,41 +242,32 @@ def split_streams(
   return batchify(load_corpus(dataset, data_dir).split(split), batch_size)
 
 
-def steps_per_epoch(
-  dataset: str, *, batch_size: int, bptt: int, steps: int | None = -1, data_dir: str | None = None
-) -> int:
+def steps_per_epoch(options: CorpusOptions, *, batch_size: int, steps: int | None = -1) -> int:
   """`steps` if positive, else the windows of one pass over 'train' in `batch_size` streams."""
   if steps is not None and steps > 0:
     return steps
-  return num_windows(
-    split_streams(dataset, 'train', batch_size=batch_size, data_dir=data_dir), bptt
+  streams = split_streams(
+    options.dataset, 'train', batch_size=batch_size, data_dir=options.data_dir
   )
+  return num_windows(streams, options.bptt)
 
 
 def steps_per_eval(
-  dataset: str,
-  split: str,
-  *,
-  batch_size: int,
-  bptt: int,
-  steps: int | None = -1,
-  data_dir: str | None = None,
+  options: CorpusOptions, split: str, *, batch_size: int, steps: int | None = -1
 ) -> int:
   """`steps` if positive (and at most a pass), else one pass over `split`."""
-  streams = split_streams(dataset, split, batch_size=batch_size, data_dir=data_dir)
-  windows = num_windows(streams, bptt)
+  streams = split_streams(options.dataset, split, batch_size=batch_size, data_dir=options.data_dir)
+  windows = num_windows(streams, options.bptt)
   return min(steps, windows) if steps is not None and steps > 0 else windows
 
 
 def create_input_iter(
-  dataset: str,
+  options: CorpusOptions,
   split: str,
   *,
   global_batch_size: int,
-  bptt: int,
   epoch: int = 0,
   num_steps: int | None = -1,
-  data_dir: str | None = None,
   num_local_devices: int | None = None,
   start_step: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -272,15 +278,16 @@ def create_input_iter(
   same; besides 'inputs', 'targets' and 'mask' each carries 'reset', 1 on the first window
   of a pass over the streams, where the reference starts from a zero LSTM state.
 
+  The token ids are an array in memory; the windows are a `grain.MapDataset` over the
+  step index, each process cutting its own rows of the streams.
+
   Args:
-    dataset: one of `TEXT_DATASETS`.
+    options: the corpus and the window length.
     split: 'train', 'valid' or 'test'.
     global_batch_size: the streams over all processes and devices.
-    bptt: the tokens of a window.
     epoch: unused: the windows do not change from epoch to epoch.
     num_steps: the windows to yield: for 'train' the epoch's (past a pass the streams
       start again), for the other splits at most a pass; -1 or None: one pass.
-    data_dir: the directory of the `ptb` files.
     num_local_devices: the leading dimension; defaults to `jax.local_device_count()`.
     start_step: the first window to yield (to resume inside an epoch).
 
@@ -292,11 +299,15 @@ def create_input_iter(
     ValueError: for a `global_batch_size` that the devices do not divide.
   """
   del epoch
+  import grain
   import jax
 
+  bptt = options.bptt
   if num_local_devices is None:
     num_local_devices = jax.local_device_count()
-  streams = split_streams(dataset, split, batch_size=global_batch_size, data_dir=data_dir)
+  streams = split_streams(
+    options.dataset, split, batch_size=global_batch_size, data_dir=options.data_dir
+  )
   rows = streams.shape[0]
   num_devices = jax.process_count() * num_local_devices
   if rows % num_devices:
@@ -308,12 +319,14 @@ def create_input_iter(
   streams = streams[jax.process_index() * local : (jax.process_index() + 1) * local]
   passes = num_windows(streams, bptt)
   if split == 'train':
-    stop = steps_per_epoch(dataset, batch_size=rows, bptt=bptt, steps=num_steps, data_dir=data_dir)
+    stop = steps_per_epoch(options, batch_size=rows, steps=num_steps)
   else:
-    stop = steps_per_eval(
-      dataset, split, batch_size=rows, bptt=bptt, steps=num_steps, data_dir=data_dir
-    )
-  for step in range(start_step, stop):
+    stop = steps_per_eval(options, split, batch_size=rows, steps=num_steps)
+
+  def window_at(step: int) -> dict[str, np.ndarray]:
     window = next(bptt_windows(streams, bptt, start=step % passes, stop=step % passes + 1))
     window['reset'] = np.full([local], float(step % passes == 0), np.float32)
-    yield {k: v.reshape(num_local_devices, -1, *v.shape[1:]) for k, v in window.items()}
+    return {k: v.reshape(num_local_devices, -1, *v.shape[1:]) for k, v in window.items()}
+
+  # Windows are cheap slices of memory: read in order, without threads.
+  return iter(grain.MapDataset.range(start_step, stop).map(window_at))

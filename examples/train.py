@@ -31,6 +31,7 @@ together, the orbax checkpoints, named by step. Process 0 prints a line per epoc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -664,11 +665,11 @@ def evaluate(
   if schema.is_language_model(config):
     return _evaluate_language_model(parallel, state, config, split)
   batches = input_pipeline.create_input_iter(
+    options=data_options(config),
     split=split,
     global_batch_size=config.batch_size,
     num_steps=config.steps_per_eval,
     evaluation=True,
-    **pipeline_args(config),
   )
   sums = [parallel.eval_step(state, parallel.put_batch(batch)) for batch in batches]
   totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get_metrics(sums))
@@ -685,10 +686,10 @@ def _evaluate_language_model(
   )
   sums = []
   batches = text_pipeline.create_input_iter(
+    options=data_options(config),
     split=split,
     global_batch_size=config.eval_batch_size,
     num_steps=config.steps_per_eval,
-    **pipeline_args(config),
   )
   for batch in batches:
     window = parallel.eval_step(state.replace(carry=carry), parallel.put_batch(batch))
@@ -704,22 +705,20 @@ def _pipeline(config: ml_collections.ConfigDict) -> Any:
   return text_pipeline if schema.is_language_model(config) else input_pipeline
 
 
-def dataset_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config's fields that name the data: the keyword arguments of
-  `input_pipeline.dataset_info`, or of the corpus functions of `text_pipeline`."""
-  fields = ['dataset', 'data_dir']
-  if not schema.is_language_model(config):
-    fields += ['image_size', 'num_channels', 'num_classes']
-    fields += ['synthetic_train_size', 'synthetic_test_size']
-  return {field: config[field] for field in fields}
-
-
-def pipeline_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config's keyword arguments of `_pipeline(config).create_input_iter`, besides
-  the split, the batch size and the steps."""
+def data_options(
+  config: ml_collections.ConfigDict,
+) -> input_pipeline.DatasetOptions | text_pipeline.CorpusOptions:
+  """The config's fields that say what data to read and how: the options of every
+  function of `_pipeline(config)`."""
   if schema.is_language_model(config):
-    return {**dataset_args(config), 'bptt': config.bptt}
-  return {**dataset_args(config), 'seed': config.seed, 'cache': config.cache}
+    return text_pipeline.CorpusOptions(
+      dataset=config.dataset, data_dir=config.data_dir, bptt=config.bptt
+    )
+  return input_pipeline.DatasetOptions(
+    **{
+      field.name: config[field.name] for field in dataclasses.fields(input_pipeline.DatasetOptions)
+    }
+  )
 
 
 def input_shape_and_steps(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], int]:
@@ -731,13 +730,10 @@ def input_shape_and_steps(config: ml_collections.ConfigDict) -> tuple[tuple[int,
   """
   if schema.is_language_model(config):
     steps = text_pipeline.steps_per_epoch(
-      batch_size=config.batch_size,
-      bptt=config.bptt,
-      steps=config.steps_per_epoch,
-      **dataset_args(config),
+      data_options(config), batch_size=config.batch_size, steps=config.steps_per_epoch
     )
     return (), steps
-  info = input_pipeline.dataset_info(**dataset_args(config))
+  info = input_pipeline.dataset_info(data_options(config))
   if info.num_classes != config.num_classes:
     raise schema.invalid_field(
       'num_classes', config.num_classes, f'{info.num_classes} for {config.dataset}'
@@ -753,12 +749,12 @@ def train_batches(
   """The training batches of `epoch` from its step `start_step` on: this process's
   rows of the global batches, which do not depend on the processes or devices."""
   return _pipeline(config).create_input_iter(
+    options=data_options(config),
     split='train',
     epoch=epoch,
     global_batch_size=config.batch_size,
     num_steps=config.steps_per_epoch,
     start_step=start_step,
-    **pipeline_args(config),
   )
 
 

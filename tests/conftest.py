@@ -1,4 +1,4 @@
-"""Test set-up: eight CPU devices for the data-parallel tests, TensorFlow off the GPU."""
+"""Test set-up: eight CPU devices for the data-parallel tests."""
 
 import os
 
@@ -6,4 +6,3 @@ import os
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

@@ -36,3 +36,54 @@ def digest(batches) -> str:
       sha.update(key.encode())
       sha.update(np.ascontiguousarray(batch[key]).tobytes())
   return sha.hexdigest()[:16]
+
+
+def mock_tfds(data_dir: str, name: str, num_examples: int, splits):
+  """Mocks the TFDS dataset `name` as prepared as ArrayRecord in `data_dir`.
+
+  `tfds.testing.mock_data`'s `MockPolicy.USE_CODE` leaves the builder unprepared and
+  its split sizes unknown, so the pipeline would rightly refuse it. Instead the real
+  metadata (`dataset_info.json`, `features.json`) of a dataset of `num_examples` per
+  split in `splits` is written into `data_dir` and mocked with `MockPolicy.USE_FILES`.
+  TFDS' random records serve CIFAR-10 (the same ones for every split); ImageNet's are
+  encoded JPEGs, which TFDS' mock encodes with TensorFlow, so they are made here with
+  Pillow: random images of 5 to 50 pixels a side, the same for every split.
+  """
+  import io
+
+  import tensorflow_datasets as tfds
+  from PIL import Image
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [
+        tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
+        for split in splits
+      ]
+    )
+  )
+  builder.info.set_file_format(tfds.core.FileFormat.ARRAY_RECORD, override=True)
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+  as_data_source_fn = None
+  if name == 'imagenet2012':
+
+    def as_data_source_fn(self, split, decoders=None, **kwargs):
+      del self, split, decoders, kwargs
+      rng = np.random.default_rng(0)
+      records = []
+      for label in range(num_examples):
+        height, width = rng.integers(5, 51, size=2)
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        jpeg = io.BytesIO()
+        Image.fromarray(pixels).save(jpeg, format='JPEG')
+        records.append({'image': jpeg.getvalue(), 'label': label % 1000})
+      return records
+
+  return tfds.testing.mock_data(
+    num_examples=num_examples,
+    policy=tfds.testing.MockPolicy.USE_FILES,
+    data_dir=data_dir,
+    as_data_source_fn=as_data_source_fn,
+  )

@@ -1,76 +1,44 @@
 """Tests for examples/input_pipeline.py.
 
-The TFDS pipelines run on `tfds.testing.mock_data`, which needs no network. Its
-`MockPolicy.USE_CODE` leaves the builder unprepared and its split sizes unknown,
-so the pipeline would rightly refuse it. Instead each test writes the real
-metadata (`dataset_info.json`, `features.json`) of a tiny dataset into a
-temporary `data_dir` and mocks with `MockPolicy.USE_FILES`: the builder is then
-prepared, knows its split sizes, and `as_dataset` yields `NUM_MOCK_EXAMPLES`
-random examples for every split (the same ones for train and test, and the
-whole split for every process slice).
+The TFDS pipelines run on `tfds.testing.mock_data` (see `tests.helpers.mock_tfds`),
+which needs no network and, like the pipeline, no TensorFlow.
 """
 
-import contextlib
+import dataclasses
 import functools
-import inspect
+import io
 import os
 import time
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import flags
 from ml_collections import config_flags
+from PIL import Image
 
 from examples import input_pipeline, train
 from examples.configs import default
-from tests.helpers import digest
+from tests.helpers import digest, mock_tfds
 
 NUM_MOCK_EXAMPLES = 10
+Options = input_pipeline.DatasetOptions
 
 
-def _config(dataset: str, **overrides) -> dict:
-  """Keyword arguments of `create_input_iter`: `dataset` and `overrides`."""
-  return {'dataset': dataset, **overrides}
-
-
-def _info(config: dict) -> input_pipeline.DatasetInfo:
-  """`dataset_info` for the `create_input_iter` arguments `config`."""
-  fields = {k: v for k, v in config.items() if k not in ('seed', 'cache', 'num_steps')}
-  return input_pipeline.dataset_info(**fields)
-
-
-@contextlib.contextmanager
 def _mock_tfds(data_dir: str, name: str):
-  """Mocks `name` as prepared in `data_dir`, NUM_MOCK_EXAMPLES per split."""
-  builder = tfds.builder(name, data_dir=data_dir)
   splits = input_pipeline.DATASETS[name].tfds_splits.values()
-  builder.info.set_splits(
-    tfds.core.SplitDict(
-      [
-        tfds.core.SplitInfo(name=split, shard_lengths=[NUM_MOCK_EXAMPLES], num_bytes=0)
-        for split in splits
-      ]
-    )
-  )
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(
-    num_examples=NUM_MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir
-  ):
-    yield
+  return mock_tfds(data_dir, name, NUM_MOCK_EXAMPLES, splits)
 
 
-def _epoch(config, split='train', *, epoch=0, global_batch_size=4, num_local_devices=1):
+def _epoch(options, split='train', *, epoch=0, global_batch_size=4, num_local_devices=1, **kw):
   return list(
     input_pipeline.create_input_iter(
-      split=split,
+      options,
+      split,
       epoch=epoch,
       global_batch_size=global_batch_size,
       num_local_devices=num_local_devices,
-      **config,
+      **kw,
     )
   )
 
@@ -106,20 +74,33 @@ def _check_test_batches(batches, *, num_batches, num_local_devices, per_device, 
   return num_real
 
 
-def test_cifar10(tmp_path):
-  config = _config('cifar10', data_dir=str(tmp_path))
+def test_no_tensorflow_is_imported():
+  import subprocess
+  import sys
+
+  code = (
+    'import sys; from examples import input_pipeline, text_pipeline, train, main; '
+    "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"
+  )
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == '[]'
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_cifar10(tmp_path, cache):
+  options = Options('cifar10', data_dir=str(tmp_path), cache=cache)
   with _mock_tfds(str(tmp_path), 'cifar10'):
-    info = _info(config)
+    info = input_pipeline.dataset_info(options)
     assert info == input_pipeline.DatasetInfo(
       num_train=NUM_MOCK_EXAMPLES,
       num_test=NUM_MOCK_EXAMPLES,
       num_classes=10,
       image_shape=(32, 32, 3),
     )
-    train = _epoch(config, global_batch_size=4, num_local_devices=2)
-    train_again = _epoch(config, global_batch_size=4, num_local_devices=2)
-    other_epoch = _epoch(config, epoch=1, global_batch_size=4, num_local_devices=2)
-    test = _epoch(config, 'test', global_batch_size=4, num_local_devices=2)
+    train = _epoch(options, global_batch_size=4, num_local_devices=2)
+    train_again = _epoch(options, global_batch_size=4, num_local_devices=2)
+    other_epoch = _epoch(options, epoch=1, global_batch_size=4, num_local_devices=2)
+    test = _epoch(options, 'test', global_batch_size=4, num_local_devices=2)
 
   # 10 // 4 full batches, split over 2 devices.
   assert len(train) == 2
@@ -132,7 +113,7 @@ def test_cifar10(tmp_path):
     # Pixels in [0, 1] minus a mean in [0, 1].
     assert np.all(np.abs(batch['image']) <= 1.0)
   _assert_same(train, train_again)
-  assert not np.array_equal(_stack(train, 'label'), _stack(other_epoch, 'label'))
+  assert not np.array_equal(_stack(train, 'image'), _stack(other_epoch, 'image'))
 
   num_real = _check_test_batches(
     test, num_batches=3, num_local_devices=2, per_device=2, image_shape=(32, 32, 3)
@@ -147,43 +128,105 @@ def test_cifar10(tmp_path):
 
 
 def test_cifar10_augmentation_is_a_nearest_fill_shift_and_flip():
-  """Every augmented image is one of the 7 x 7 shifts, flipped or not."""
+  """Every augmented image is one of the 7 x 7 shifts, flipped or not, drawn uniformly."""
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-  example = {'image': tf.constant(image), 'label': tf.constant(0, tf.int32)}
+  example = {'image': image, 'label': np.int32(0)}
   augment = functools.partial(
     input_pipeline._cifar10_train, pixel_mean=np.zeros((32, 32, 3), np.float32)
   )
-  x = image / 255.0
-  seen = set()
-  for i in range(40):
-    key = tf.constant([7, i], tf.int64)
-    out = augment(example, key)['image'].numpy()
-    # Stateless: the key alone decides the augmentation.
-    np.testing.assert_array_equal(out, augment(example, key)['image'].numpy())
-    matches = []
-    for dy in range(-3, 4):
-      for dx in range(-3, 4):
-        rows = np.clip(np.arange(32) - dy, 0, 31)
-        cols = np.clip(np.arange(32) - dx, 0, 31)
-        shifted = x[rows][:, cols]
-        for flip in (False, True):
-          candidate = shifted[:, ::-1] if flip else shifted
-          if np.allclose(out, candidate, atol=1e-6):
-            matches.append((dy, dx, flip))
-    assert len(matches) == 1, matches
-    seen.add(matches[0])
-  # The keys really vary the shift in both directions and the flip.
-  assert len({dy for dy, _, _ in seen}) > 3
-  assert len({dx for _, dx, _ in seen}) > 3
-  assert {flip for _, _, flip in seen} == {False, True}
+  x = image / np.float32(255)
+  candidates = {}
+  for dy in range(-3, 4):
+    for dx in range(-3, 4):
+      # Keras' 'nearest' fill: the source coordinate clipped to the image.
+      shifted = x[np.clip(np.arange(32) - dy, 0, 31)][:, np.clip(np.arange(32) - dx, 0, 31)]
+      candidates.setdefault(shifted.tobytes(), []).append((dy, dx, False))
+      candidates.setdefault(np.ascontiguousarray(shifted[:, ::-1]).tobytes(), []).append(
+        (dy, dx, True)
+      )
+  # 98 different images: no shift and flip looks like another.
+  assert len(candidates) == 98
+  seen = []
+  for i in range(400):
+    out = augment(example, np.random.default_rng(i))['image']
+    # The generator alone decides the augmentation.
+    np.testing.assert_array_equal(out, augment(example, np.random.default_rng(i))['image'])
+    (match,) = candidates[out.tobytes()]
+    seen.append(match)
+  dys, dxs, flips = (np.array(v) for v in zip(*seen, strict=True))
+  # Shifts uniform over -3..3 in both directions (each expected 400 / 7 = 57 times),
+  # flips at rate 1/2 (binomial sd 10).
+  for shifts in (dys, dxs):
+    counts = np.bincount(shifts + 3, minlength=7)
+    assert counts.min() > 30 and counts.max() < 90, counts
+  assert 160 < flips.sum() < 240
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format='JPEG', quality=95)
+  return out.getvalue()
+
+
+def test_inception_crop_boxes_follow_the_area_and_aspect_ratio_ranges():
+  rng = np.random.default_rng(0)
+  areas, ratios = [], []
+  for _ in range(2000):
+    top, left, height, width = input_pipeline.random_crop_box(300, 400, rng)
+    assert top >= 0 and top + height <= 300 and left >= 0 and left + width <= 400
+    areas.append(height * width / (300 * 400))
+    ratios.append(width / height)
+  areas, ratios = np.array(areas), np.array(ratios)
+  # The area is uniform in [0.08, 1] of the image, less the crops under 10% (the
+  # `min_object_covered`) and those that do not fit; the aspect ratio in [3/4, 4/3]
+  # up to the rounding of the sides.
+  assert areas.min() >= 0.1 and areas.max() <= 1.0
+  assert areas.min() < 0.12 and areas.max() > 0.9
+  assert ratios.min() > 0.74 and ratios.max() < 1.345
+  assert ratios.min() < 0.77 and ratios.max() > 1.3
+  # No crop of a 1 x 100 strip has an aspect ratio in range: the caller falls back.
+  assert input_pipeline.random_crop_box(1, 100, rng) is None
+  # The evaluation crop: the centred square of image_size / (image_size + 32) of the
+  # shorter side.
+  assert input_pipeline.center_crop_box(100, 200, 32) == (25, 75, 50, 50)
+  assert input_pipeline.center_crop_box(101, 60, 224) == (25, 4, 52, 52)
+
+
+def test_imagenet_preprocessing_on_fixed_images():
+  # A uniform image of the ImageNet mean colour normalizes to zero, one of mean + std
+  # to one, whatever the crop and flip.
+  mean = np.array(input_pipeline.MEAN_RGB)
+  std = np.array(input_pipeline.STDDEV_RGB)
+  for colour, expected in ((mean, 0.0), (mean + std, 1.0)):
+    pixels = np.broadcast_to(np.round(colour).astype(np.uint8), (60, 90, 3)).copy()
+    example = {'image': _jpeg(pixels), 'label': 3}
+    for i in range(5):
+      out = input_pipeline._imagenet_train(example, np.random.default_rng(i), image_size=16)
+      assert out['image'].shape == (16, 16, 3) and out['image'].dtype == np.float32
+      np.testing.assert_allclose(out['image'], expected, atol=0.03)
+      assert out['label'] == 3 and out['label'].dtype == np.int32
+    out = input_pipeline._imagenet_eval(example, image_size=16)
+    np.testing.assert_allclose(out['image'], expected, atol=0.03)
+  # The evaluation crop of a left-to-right ramp is its centre; train crops flip half
+  # of the time, which reverses the ramp.
+  ramp = np.broadcast_to(np.linspace(0, 255, 128).astype(np.uint8)[None, :, None], (64, 128, 3))
+  example = {'image': _jpeg(ramp.copy()), 'label': 0}
+  center = input_pipeline._imagenet_eval(example, image_size=8)['image'][..., 0] * std[0] + mean[0]
+  # int(64 * 8 / 40) = 12 columns of 128 around the middle, 58 to 69: values from
+  # about 116 to 139, resized to 8.
+  assert 112 < center[:, 0].mean() < 124 and 131 < center[:, -1].mean() < 143
+  rising = []
+  for i in range(200):
+    out = input_pipeline._imagenet_train(example, np.random.default_rng(i), image_size=8)
+    rising.append(out['image'][:, -1, 0].mean() > out['image'][:, 0, 0].mean())
+  assert 70 < sum(rising) < 130
 
 
 def test_imagenet2012(tmp_path):
-  # The mock is stored as TFRecord: random access needs it in memory.
-  config = _config('imagenet2012', data_dir=str(tmp_path), image_size=32, cache=True)
+  options = Options('imagenet2012', data_dir=str(tmp_path), image_size=32)
   with _mock_tfds(str(tmp_path), 'imagenet2012'):
-    info = _info(config)
+    info = input_pipeline.dataset_info(options)
     assert info == input_pipeline.DatasetInfo(
       num_train=NUM_MOCK_EXAMPLES,
       num_test=NUM_MOCK_EXAMPLES,
@@ -192,11 +235,11 @@ def test_imagenet2012(tmp_path):
     )
     # The mock's JPEGs are 5 to 50 pixels a side, so crops are both up- and
     # down-sampled.
-    train = _epoch(config, global_batch_size=4, num_local_devices=2)
-    train_again = _epoch(config, global_batch_size=4, num_local_devices=2)
-    other_epoch = _epoch(config, epoch=1, global_batch_size=4, num_local_devices=2)
-    test = _epoch(config, 'test', global_batch_size=4, num_local_devices=2)
-    test_again = _epoch(config, 'test', global_batch_size=4, num_local_devices=2)
+    train = _epoch(options, global_batch_size=4, num_local_devices=2)
+    train_again = _epoch(options, global_batch_size=4, num_local_devices=2)
+    other_epoch = _epoch(options, epoch=1, global_batch_size=4, num_local_devices=2)
+    test = _epoch(options, 'test', global_batch_size=4, num_local_devices=2)
+    test_again = _epoch(options, 'test', global_batch_size=4, num_local_devices=2)
 
   assert len(train) == 2
   for batch in train:
@@ -212,6 +255,7 @@ def test_imagenet2012(tmp_path):
     test, num_batches=3, num_local_devices=2, per_device=2, image_shape=(32, 32, 3)
   )
   assert num_real == NUM_MOCK_EXAMPLES
+  np.testing.assert_array_equal(_stack(test, 'label')[:num_real], np.arange(NUM_MOCK_EXAMPLES))
   _assert_same(test, test_again)
   # Normalized with the ImageNet statistics: roughly centred, unit scale.
   test_images = _stack(test, 'image')[:num_real]
@@ -221,34 +265,31 @@ def test_imagenet2012(tmp_path):
 
 @pytest.mark.parametrize('name', ['cifar10', 'imagenet2012'])
 def test_unprepared_dataset_fails_fast(tmp_path, name):
-  config = _config(name, data_dir=str(tmp_path))
+  options = Options(name, data_dir=str(tmp_path))
   start = time.monotonic()
   with pytest.raises(FileNotFoundError) as info_error:
-    _info(config)
+    input_pipeline.dataset_info(options)
   with pytest.raises(FileNotFoundError) as iter_error:
-    input_pipeline.create_input_iter(
-      split='train', epoch=0, global_batch_size=4, num_local_devices=1, **config
-    )
+    input_pipeline.create_input_iter(options, 'train', global_batch_size=4, num_local_devices=1)
   assert time.monotonic() - start < 10.0
   for error in (info_error, iter_error):
     message = str(error.value)
-    assert 'tensorflow_datasets.scripts.download_and_prepare' in message
-    assert f'--datasets={name}' in message
-    assert f'--data_dir={tmp_path}' in message
+    assert f'tfds build {name} --file_format=array_record --data_dir={tmp_path}' in message
+    assert '[prepare]' in message
     if name == 'imagenet2012':
       assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
       assert 'ILSVRC2012_img_train.tar' in message
   # Nothing was downloaded or prepared.
-  assert not any(tmp_path.rglob('*.tfrecord*'))
+  assert not any(tmp_path.rglob('*.array_record*'))
 
 
 def test_digits():
-  config = _config('digits')
-  info = _info(config)
+  options = Options('digits')
+  info = input_pipeline.dataset_info(options)
   assert info == input_pipeline.DatasetInfo(
     num_train=1437, num_test=360, num_classes=10, image_shape=(8, 8, 1)
   )
-  train = _epoch(config, global_batch_size=32, num_local_devices=2)
+  train = _epoch(options, global_batch_size=32, num_local_devices=2)
   assert len(train) == 1437 // 32
   for batch in train:
     assert batch['image'].shape == (2, 16, 8, 8, 1)
@@ -262,11 +303,11 @@ def test_digits():
   # By default the batch is split over all local devices.
   num_devices = jax.local_device_count()
   batch = next(
-    input_pipeline.create_input_iter('digits', 'train', global_batch_size=4 * num_devices)
+    input_pipeline.create_input_iter(options, 'train', global_batch_size=4 * num_devices)
   )
   assert batch['image'].shape == (num_devices, 4, 8, 8, 1)
 
-  test = _epoch(config, 'test', global_batch_size=32, num_local_devices=2)
+  test = _epoch(options, 'test', global_batch_size=32, num_local_devices=2)
   num_real = _check_test_batches(
     test, num_batches=12, num_local_devices=2, per_device=16, image_shape=(8, 8, 1)
   )
@@ -277,22 +318,25 @@ def test_digits():
   assert counts.max() <= 37
 
 
+SYNTHETIC = Options(
+  'synthetic',
+  image_size=8,
+  num_channels=3,
+  num_classes=4,
+  synthetic_train_size=64,
+  synthetic_test_size=20,
+)
+
+
 def test_synthetic_is_deterministic():
-  fields = {
-    'image_size': 8,
-    'num_channels': 3,
-    'num_classes': 4,
-    'synthetic_train_size': 64,
-    'synthetic_test_size': 20,
-  }
-  config = _config('synthetic', **fields)
-  info = _info(config)
+  options = SYNTHETIC
+  info = input_pipeline.dataset_info(options)
   assert info == input_pipeline.DatasetInfo(
     num_train=64, num_test=20, num_classes=4, image_shape=(8, 8, 3)
   )
-  epoch0 = _epoch(config, global_batch_size=16)
-  _assert_same(epoch0, _epoch(config, global_batch_size=16))
-  epoch1 = _epoch(config, epoch=1, global_batch_size=16)
+  epoch0 = _epoch(options, global_batch_size=16)
+  _assert_same(epoch0, _epoch(options, global_batch_size=16))
+  epoch1 = _epoch(options, epoch=1, global_batch_size=16)
   assert len(epoch0) == 4
   assert epoch0[0]['image'].shape == (1, 16, 8, 8, 3)
 
@@ -309,35 +353,32 @@ def test_synthetic_is_deterministic():
     assert labels[image] == label
   assert len(set(labels.values())) == 4
 
-  # A fixed seed: another config.seed reorders, but the data stay the same.
-  other_seed = _epoch(_config('synthetic', seed=1, **fields), global_batch_size=16)
+  # Another seed reorders, but the data stay the same.
+  other_seed = _epoch(dataclasses.replace(options, seed=1), global_batch_size=16)
   np.testing.assert_array_equal(
     np.unique(_stack(other_seed, 'image').reshape(64, -1), axis=0), np.unique(images0, axis=0)
   )
 
-  test = _epoch(config, 'test', global_batch_size=16)
+  test = _epoch(options, 'test', global_batch_size=16)
   assert (
     _check_test_batches(
       test, num_batches=2, num_local_devices=1, per_device=16, image_shape=(8, 8, 3)
     )
     == 20
   )
-  _assert_same(test, _epoch(config, 'test', global_batch_size=16))
+  _assert_same(test, _epoch(options, 'test', global_batch_size=16))
 
 
 def test_steps_per_epoch_beyond_one_pass():
-  config = _config(
-    'synthetic', image_size=4, synthetic_train_size=64, synthetic_test_size=8, num_steps=6
-  )
-  batches = _epoch(config, global_batch_size=16)
+  options = dataclasses.replace(SYNTHETIC, image_size=4, synthetic_test_size=8)
+  batches = _epoch(options, global_batch_size=16, num_steps=6)
   assert len(batches) == 6
   images = _stack(batches, 'image').reshape(96, -1)
   # One full pass, then a second pass in another order.
   assert len(np.unique(images[:64], axis=0)) == 64
   assert len(np.unique(images, axis=0)) == 64
   assert not np.array_equal(images[:32], images[64:])
-  config['num_steps'] = 5
-  assert len(_epoch(config, 'test', global_batch_size=16)) == 5
+  assert len(_epoch(options, 'test', global_batch_size=16, num_steps=5)) == 5
 
 
 def test_steps():
@@ -355,43 +396,52 @@ def test_steps():
     input_pipeline.steps_per_epoch(info, 128)
 
 
-def test_process_slices(monkeypatch):
+def test_evaluation_covers_each_split_once_over_processes(monkeypatch):
   """Each process reads its own part of the split, with its share of the batch."""
-  config = _config('digits')
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  parts = []
-  for index in range(2):
-    monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
-    test = _epoch(config, 'test', global_batch_size=32, num_local_devices=2)
-    # The global batch of 32 is 16 per process, 8 per device, and both
-    # processes run the same ceil(360 / 32) steps.
-    assert len(test) == 12
-    assert test[0]['image'].shape == (2, 8, 8, 8, 1)
-    mask = _stack(test, 'mask')
-    parts.append(_stack(test, 'image')[mask == 1])
-  assert [len(p) for p in parts] == [180, 180]
-  monkeypatch.undo()
-  everything = _stack(_epoch(_config('digits'), 'test', global_batch_size=40), 'image')[:360]
-  np.testing.assert_array_equal(np.concatenate(parts), everything)
+  options = Options('digits')
+  everything = {}
+  for split, evaluation, size in (('test', None, 360), ('train', True, 1437)):
+    everything[split] = _stack(
+      _epoch(options, split, global_batch_size=40, evaluation=evaluation), 'image'
+    )[:size]
+  for processes in (2, 3):
+    monkeypatch.setattr(jax, 'process_count', lambda processes=processes: processes)
+    for split, evaluation, size in (('test', None, 360), ('train', True, 1437)):
+      parts = []
+      for index in range(processes):
+        monkeypatch.setattr(jax, 'process_index', lambda index=index: index)
+        batches = _epoch(
+          options, split, global_batch_size=24, num_local_devices=2, evaluation=evaluation
+        )
+        # The global batch of 24 is 24 / processes per process, and every process
+        # runs the same ceil(size / 24) steps.
+        assert len(batches) == -(-size // 24)
+        assert batches[0]['image'].shape == (2, 12 // processes, 8, 8, 1)
+        mask = _stack(batches, 'mask')
+        parts.append(_stack(batches, 'image')[mask == 1])
+      assert sum(len(p) for p in parts) == size
+      np.testing.assert_array_equal(np.concatenate(parts), everything[split])
 
 
 def test_batch_size_must_divide_devices():
   with pytest.raises(ValueError, match=r'batch_size=6 .*device count 4'):
-    input_pipeline.create_input_iter('digits', 'train', global_batch_size=6, num_local_devices=4)
+    input_pipeline.create_input_iter(
+      Options('digits'), 'train', global_batch_size=6, num_local_devices=4
+    )
 
 
 def test_unknown_dataset_and_split():
   with pytest.raises(ValueError, match='cifar10, imagenet2012, digits, synthetic'):
-    input_pipeline.dataset_info('mnist')
+    input_pipeline.dataset_info(Options('mnist'))
   with pytest.raises(ValueError, match='cifar10, imagenet2012, digits, synthetic'):
-    input_pipeline.create_input_iter('mnist', 'train', global_batch_size=4)
+    input_pipeline.create_input_iter(Options('mnist'), 'train', global_batch_size=4)
   with pytest.raises(ValueError, match='validation'):
     input_pipeline.create_input_iter(
-      'digits', 'validation', epoch=0, global_batch_size=4, num_local_devices=1
+      Options('digits'), 'validation', global_batch_size=4, num_local_devices=1
     )
 
 
-def _process_batches(config, *, processes, devices_per_process, epoch=0, start_step=0):
+def _process_batches(options, *, processes, devices_per_process, epoch=0, start_step=0):
   """Every process's train batches, each batch's rows in device order."""
   per_process = []
   with pytest.MonkeyPatch.context() as patch:
@@ -399,15 +449,13 @@ def _process_batches(config, *, processes, devices_per_process, epoch=0, start_s
     for index in range(processes):
       patch.setattr(jax, 'process_index', lambda index=index: index)
       per_process.append(
-        list(
-          input_pipeline.create_input_iter(
-            split='train',
-            epoch=epoch,
-            global_batch_size=8,
-            num_local_devices=devices_per_process,
-            start_step=start_step,
-            **config,
-          )
+        _epoch(
+          options,
+          epoch=epoch,
+          global_batch_size=8,
+          num_local_devices=devices_per_process,
+          start_step=start_step,
+          num_steps=3,
         )
       )
   return [
@@ -419,77 +467,115 @@ def _process_batches(config, *, processes, devices_per_process, epoch=0, start_s
 def test_the_global_batches_do_not_depend_on_the_process_count(tmp_path):
   # CIFAR-10's augmentation included: each example's shift and flip are keyed by its
   # position in the epoch, not by the process that reads it.
-  config = _config('cifar10', data_dir=str(tmp_path), num_steps=3)
+  options = Options('cifar10', data_dir=str(tmp_path))
   with _mock_tfds(str(tmp_path), 'cifar10'):
-    one = _process_batches(config, processes=1, devices_per_process=8)
-    two = _process_batches(config, processes=2, devices_per_process=4)
-    eight = _process_batches(config, processes=8, devices_per_process=1)
-    resumed = _process_batches(config, processes=2, devices_per_process=4, start_step=1)
-    next_epoch = _process_batches(config, processes=1, devices_per_process=8, epoch=1)
+    one = _process_batches(options, processes=1, devices_per_process=8)
+    two = _process_batches(options, processes=2, devices_per_process=4)
+    eight = _process_batches(options, processes=8, devices_per_process=1)
+    next_epoch = _process_batches(options, processes=1, devices_per_process=8, epoch=1)
+    resumed = {
+      step: _process_batches(options, processes=2, devices_per_process=4, start_step=step)
+      for step in (1, 2, 3)
+    }
   assert len(one) == 3 and one[0]['image'].shape == (8, 1, 32, 32, 3)
   _assert_same(one, two)
   _assert_same(one, eight)
-  # Resuming inside the epoch yields the rest of the same batches.
-  _assert_same(one[1:], resumed)
+  # Resuming at any step of the epoch yields the rest of the same batches.
+  for step, rest in resumed.items():
+    _assert_same(one[step:], rest)
   assert not np.array_equal(_stack(one, 'image'), _stack(next_epoch, 'image'))
 
 
-def test_an_epoch_is_a_permutation_of_the_split_by_seed_and_epoch():
-  order = input_pipeline.epoch_order(10, seed=0, epoch=0, num_examples=25)
+def test_a_process_reads_only_its_rows(monkeypatch):
+  read = []
+
+  class Recording(input_pipeline.ArraySource):
+    def __getitem__(self, index):
+      read.append(index)
+      return super().__getitem__(index)
+
+  images, labels = input_pipeline._digits_arrays()['train']
+  monkeypatch.setattr(
+    input_pipeline, '_source', lambda options, split: Recording(images[:64], labels[:64])
+  )
+  monkeypatch.setattr(jax, 'process_count', lambda: 4)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  batches = _epoch(Options('digits'), global_batch_size=16, num_local_devices=1, num_steps=4)
+  assert len(batches) == 4 and batches[0]['image'].shape == (1, 4, 8, 8, 1)
+  # 4 batches of this process's 4 rows of 16, each read once (by threads, in any order).
+  assert len(read) == 16 and len(set(read)) == 16
+  np.testing.assert_array_equal(
+    np.sort(_stack(batches, 'image').reshape(16, -1), axis=0),
+    np.sort(images[:64][read].reshape(16, -1), axis=0),
+  )
+
+
+def test_an_epoch_is_a_permutation_of_the_split_by_seed_and_epoch(monkeypatch):
+  rows = np.arange(10, dtype=np.int32)
+  arrays = {'train': (np.zeros((10, 1, 1, 1), np.uint8), rows), 'test': (None, rows)}
+  spec = dataclasses.replace(input_pipeline.DATASETS['digits'], arrays=lambda options: arrays)
+  monkeypatch.setitem(input_pipeline.DATASETS, 'rows', spec)
+
+  def order(seed, epoch):
+    batches = _epoch(Options('rows', seed=seed), epoch=epoch, global_batch_size=5, num_steps=5)
+    return _stack(batches, 'label')
+
+  first = order(0, 0)
   # Two whole passes in two different orders, then the start of a third.
   for start in (0, 10):
-    np.testing.assert_array_equal(np.sort(order[start : start + 10]), np.arange(10))
-  assert not np.array_equal(order[:10], order[10:20])
-  assert len(set(order[20:])) == 5
-  np.testing.assert_array_equal(order, input_pipeline.epoch_order(10, 0, 0, 25))
-  assert not np.array_equal(order, input_pipeline.epoch_order(10, 0, 1, 25))
-  assert not np.array_equal(order, input_pipeline.epoch_order(10, 1, 0, 25))
+    np.testing.assert_array_equal(np.sort(first[start : start + 10]), rows)
+  assert not np.array_equal(first[:10], first[10:20])
+  assert len(set(first[20:])) == 5
+  np.testing.assert_array_equal(first, order(0, 0))
+  assert not np.array_equal(first, order(0, 1))
+  assert not np.array_equal(first, order(1, 0))
 
 
-def test_a_tfrecord_split_out_of_memory_cannot_be_trained_on(tmp_path):
-  config = _config('imagenet2012', data_dir=str(tmp_path), image_size=32)
-  with (
-    _mock_tfds(str(tmp_path), 'imagenet2012'),
-    pytest.raises(ValueError, match='--file_format=array_record'),
-  ):
-    _epoch(config)
+def test_a_split_not_stored_as_array_record_is_refused(tmp_path):
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder('cifar10', data_dir=str(tmp_path))
+  builder.info.set_splits(
+    tfds.core.SplitDict(
+      [tfds.core.SplitInfo(name=s, shard_lengths=[4], num_bytes=0) for s in ('train', 'test')]
+    )
+  )
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+  with pytest.raises(ValueError, match='--file_format=array_record'):
+    _epoch(Options('cifar10', data_dir=str(tmp_path)))
 
 
-# The digests of these batches as the pipeline has produced them since the trainer's
-# results were recorded: any change to a batch, bit for bit, changes a digest.
+# The digests of these batches as the Grain pipeline produces them: any change to a
+# batch, bit for bit, changes a digest.
 PINNED_BATCHES = {
-  'digits_train': '6da04ce2c009efa0',
-  'digits_train_resumed': '942d3dc43f2b8990',
+  'digits_train': 'eb499d5335b8ae8a',
+  'digits_train_resumed': 'a18fae4c8f07b1d4',
   'digits_test': 'e67f27e91e9bcb09',
   'digits_train_evaluation': '7294386c54b50b6b',
-  'synthetic_train': '511b9f93d9b8224c',
+  'synthetic_train': '5227fca15f7d7208',
   'synthetic_test': '6d6b717b6db5b807',
-  'cifar10_train': '407b694b5ef043f2',
-  'cifar10_test': '60624121975ad425',
+  'cifar10_train': '28a285e8d3d77bbc',
+  'cifar10_test': 'b9ff9722fdc688b7',
 }
 
 
 def test_batches_are_pinned(tmp_path):
   digits = functools.partial(
-    input_pipeline.create_input_iter, 'digits', seed=3, global_batch_size=64, num_local_devices=2
+    input_pipeline.create_input_iter,
+    Options('digits', seed=3),
+    global_batch_size=64,
+    num_local_devices=2,
   )
   synthetic = functools.partial(
     input_pipeline.create_input_iter,
-    'synthetic',
-    seed=5,
-    image_size=6,
-    num_channels=3,
-    num_classes=4,
-    synthetic_train_size=64,
-    synthetic_test_size=20,
+    dataclasses.replace(SYNTHETIC, seed=5, image_size=6, num_classes=4),
     global_batch_size=16,
     num_local_devices=1,
   )
   cifar10 = functools.partial(
     input_pipeline.create_input_iter,
-    'cifar10',
-    data_dir=str(tmp_path),
-    seed=7,
+    Options('cifar10', data_dir=str(tmp_path), seed=7),
     global_batch_size=4,
     num_local_devices=2,
   )
@@ -507,7 +593,7 @@ def test_batches_are_pinned(tmp_path):
   assert digests == PINNED_BATCHES
 
 
-def test_the_pipeline_fields_are_set_from_the_command_line_on_a_locked_config():
+def test_the_pipeline_options_are_set_from_the_command_line_on_a_locked_config():
   argv = [
     'main',
     '--config.dataset=synthetic',
@@ -526,29 +612,24 @@ def test_the_pipeline_fields_are_set_from_the_command_line_on_a_locked_config():
   assert config.is_locked
   with pytest.raises(AttributeError):
     config.no_such_field = 1
-  args = train.pipeline_args(config)
-  assert args == {
-    'dataset': 'synthetic',
-    'data_dir': '/data',
-    'image_size': 8,
-    'num_channels': 3,
-    'num_classes': 10,
-    'synthetic_train_size': 64,
-    'synthetic_test_size': 8,
-    'seed': 0,
-    'cache': False,
-  }
-  # The config sets every argument of the pipeline but those of a call.
-  per_call = {'split', 'global_batch_size', 'num_steps', 'epoch', 'start_step'}
-  per_call |= {'num_local_devices', 'evaluation'}
-  parameters = inspect.signature(input_pipeline.create_input_iter).parameters
-  assert set(parameters) == set(args) | per_call
-  info = input_pipeline.dataset_info(**train.dataset_args(config))
+  options = train.data_options(config)
+  assert options == Options(
+    dataset='synthetic',
+    data_dir='/data',
+    image_size=8,
+    num_channels=3,
+    num_classes=10,
+    synthetic_train_size=64,
+    synthetic_test_size=8,
+    seed=0,
+    cache=False,
+  )
+  info = input_pipeline.dataset_info(options)
   assert info == input_pipeline.DatasetInfo(
     num_train=64, num_test=8, num_classes=10, image_shape=(8, 8, 3)
   )
   # Unset, the cache is the dataset's default.
-  assert train.pipeline_args(default.get_config())['cache'] is None
+  assert train.data_options(default.get_config()).cache is None
 
 
 def test_a_dataset_is_one_entry_in_the_registry(monkeypatch):
@@ -563,17 +644,17 @@ def test_a_dataset_is_one_entry_in_the_registry(monkeypatch):
     num_classes=lambda options: 3,
   )
   monkeypatch.setitem(input_pipeline.DATASETS, 'tiny', spec)
-  assert input_pipeline.dataset_info('tiny') == input_pipeline.DatasetInfo(
+  assert input_pipeline.dataset_info(Options('tiny')) == input_pipeline.DatasetInfo(
     num_train=20, num_test=10, num_classes=3, image_shape=(2, 2, 1)
   )
-  train = _epoch(_config('tiny'), global_batch_size=5)
+  train = _epoch(Options('tiny'), global_batch_size=5)
   assert len(train) == 4
   # One permutation of the training split, scaled to [0, 1].
   np.testing.assert_array_equal(
     np.sort(_stack(train, 'image').reshape(-1)),
     np.sort(images[:20].reshape(-1).astype(np.float32) / np.float32(255)),
   )
-  test = _epoch(_config('tiny'), 'test', global_batch_size=4)
+  test = _epoch(Options('tiny'), 'test', global_batch_size=4)
   assert (
     _check_test_batches(
       test, num_batches=3, num_local_devices=1, per_device=4, image_shape=(2, 2, 1)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
 
 from examples import checkpoints, compare, logs, train
 from examples.configs import digits
@@ -22,9 +23,11 @@ def _events(workdir) -> dict[str, dict[int, float]]:
   """`{tag: {step: value}}` of the event files in `workdir`, later files winning."""
   scalars = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for event in EventFileLoader(path).Load():
       for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+        scalars.setdefault(value.tag, {})[event.step] = float(
+          tensor_util.make_ndarray(value.tensor)
+        )
   return scalars
 
 
@@ -208,9 +211,11 @@ def _event_files(workdir) -> list[dict[str, dict[int, float]]]:
   files = []
   for path in paths:
     scalars = {}
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for event in EventFileLoader(path).Load():
       for value in event.summary.value:
-        scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+        scalars.setdefault(value.tag, {})[event.step] = float(
+          tensor_util.make_ndarray(value.tensor)
+        )
     files.append(scalars)
   return files
 

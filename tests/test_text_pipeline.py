@@ -124,17 +124,17 @@ def test_bptt_windows_cover_every_target_once():
 def _corpus(tmp_path) -> dict:
   """The arguments that name a corpus of 60 training tokens, in windows of 3."""
   _write_ptb(tmp_path, {**SMALL, 'train': SMALL['train'] * 4})
-  return {'dataset': 'ptb', 'data_dir': str(tmp_path), 'bptt': 3}
+  return tp.CorpusOptions(dataset='ptb', data_dir=str(tmp_path), bptt=3)
 
 
 def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
   corpus = _corpus(tmp_path)
   streams = tp.split_streams('ptb', 'train', batch_size=4, data_dir=str(tmp_path))
   assert streams.shape == (4, 15)  # 60 training tokens in 4 streams
-  assert tp.steps_per_epoch(batch_size=4, **corpus) == tp.num_windows(streams, 3) == 5
-  assert tp.steps_per_epoch(batch_size=4, steps=2, **corpus) == 2
+  assert tp.steps_per_epoch(corpus, batch_size=4) == tp.num_windows(streams, 3) == 5
+  assert tp.steps_per_epoch(corpus, batch_size=4, steps=2) == 2
   windows = list(
-    tp.create_input_iter(split='train', global_batch_size=4, epoch=3, num_local_devices=2, **corpus)
+    tp.create_input_iter(corpus, 'train', global_batch_size=4, epoch=3, num_local_devices=2)
   )
   assert len(windows) == 5
   expected = list(tp.bptt_windows(streams, 3))
@@ -146,17 +146,13 @@ def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
   assert all(w['reset'].min() == w['reset'].max() for w in windows)
   # Resuming inside the epoch yields the rest of the same windows.
   rest = list(
-    tp.create_input_iter(
-      split='train', global_batch_size=4, num_local_devices=2, start_step=3, **corpus
-    )
+    tp.create_input_iter(corpus, 'train', global_batch_size=4, num_local_devices=2, start_step=3)
   )
   np.testing.assert_array_equal(rest[0]['targets'], windows[3]['targets'])
   assert len(rest) == 2
   # An epoch longer than a pass starts the streams again, from a reset state.
   longer = list(
-    tp.create_input_iter(
-      split='train', global_batch_size=4, num_steps=7, num_local_devices=1, **corpus
-    )
+    tp.create_input_iter(corpus, 'train', global_batch_size=4, num_steps=7, num_local_devices=1)
   )
   assert [float(w['reset'].max()) for w in longer] == [1, 0, 0, 0, 0, 1, 0]
   np.testing.assert_array_equal(longer[5]['inputs'], longer[0]['inputs'])
@@ -165,15 +161,15 @@ def test_trainer_windows_are_split_over_devices_and_reset_each_pass(tmp_path):
 def test_trainer_evaluation_windows(tmp_path):
   corpus = _corpus(tmp_path)
   # 4 tokens in 2 streams: one window.
-  assert tp.steps_per_eval(split='valid', batch_size=2, **corpus) == 1
-  assert tp.steps_per_eval(split='valid', batch_size=2, steps=5, **corpus) == 1
+  assert tp.steps_per_eval(corpus, 'valid', batch_size=2) == 1
+  assert tp.steps_per_eval(corpus, 'valid', batch_size=2, steps=5) == 1
   (window,) = tp.create_input_iter(
-    split='valid', global_batch_size=2, num_steps=1, num_local_devices=1, **corpus
+    corpus, 'valid', global_batch_size=2, num_steps=1, num_local_devices=1
   )
   assert window['inputs'].shape == (1, 2, 3)
   np.testing.assert_array_equal(window['mask'][0], [[1, 0, 0], [1, 0, 0]])
   with pytest.raises(ValueError, match=r'global_batch_size must be a multiple of the'):
-    next(tp.create_input_iter(split='test', global_batch_size=2, num_local_devices=4, **corpus))
+    next(tp.create_input_iter(corpus, 'test', global_batch_size=2, num_local_devices=4))
 
 
 def test_trainer_windows_are_pinned(tmp_path):
@@ -184,10 +180,10 @@ def test_trainer_windows_are_pinned(tmp_path):
       ' '.join(f'w{i}' for i in rng.integers(0, 40, rng.integers(2, 12))) for _ in range(lines)
     ]
     (tmp_path / f'ptb.{name}.txt').write_text('\n'.join(text) + '\n')
-  windows = functools.partial(tp.create_input_iter, 'ptb', data_dir=str(tmp_path), bptt=7)
-  corpus = {'dataset': 'ptb', 'data_dir': str(tmp_path), 'bptt': 7}
-  assert tp.steps_per_epoch(batch_size=8, **corpus) == 17
-  assert tp.steps_per_eval(split='valid', batch_size=4, **corpus) == 6
+  corpus = tp.CorpusOptions(dataset='ptb', data_dir=str(tmp_path), bptt=7)
+  windows = functools.partial(tp.create_input_iter, corpus)
+  assert tp.steps_per_epoch(corpus, batch_size=8) == 17
+  assert tp.steps_per_eval(corpus, 'valid', batch_size=4) == 6
   digests = {
     'train': digest(windows('train', global_batch_size=8, num_local_devices=2)),
     'valid': digest(windows('valid', global_batch_size=4, num_local_devices=1)),

@@ -7,7 +7,6 @@ parallelisms for it. The digits runs cover the rest: pmap against jit, resuming,
 skipped non-finite steps, the flags of main.py and the comparison.
 """
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -25,7 +24,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache
 
 import coolopt
@@ -40,7 +38,7 @@ from examples import (
   workdir,
 )
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
-from tests.helpers import TIMING, assert_same_rows, read_rows
+from tests.helpers import TIMING, assert_same_rows, mock_tfds, read_rows
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_MOCK_EXAMPLES = 16
@@ -67,25 +65,9 @@ def _compilation_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-@contextlib.contextmanager
 def _mock_tfds(data_dir: str, name: str):
   """`name` as a prepared dataset in `data_dir`, NUM_MOCK_EXAMPLES random examples a split."""
-  # MockPolicy.USE_FILES needs the dataset's metadata on disk, with split sizes.
-  builder = tfds.builder(name, data_dir=data_dir)
-  builder.info.set_splits(
-    tfds.core.SplitDict(
-      [
-        tfds.core.SplitInfo(name=split, shard_lengths=[NUM_MOCK_EXAMPLES], num_bytes=0)
-        for split in _MOCK_SPLITS[name]
-      ]
-    )
-  )
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(
-    num_examples=NUM_MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=data_dir
-  ):
-    yield
+  return mock_tfds(data_dir, name, NUM_MOCK_EXAMPLES, _MOCK_SPLITS[name])
 
 
 def _short(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
@@ -172,7 +154,6 @@ def test_imagenet_efficientnet_b0_coolmomentum_under_jit(tmp_path):
     batch_size=16,
     batch_norm_group_size=8,
     half_precision=True,
-    cache=True,  # The mock is TFRecord: random access needs the split in memory.
     parallelism='jit',
     optimizer='coolmomentum',
   )
