@@ -9,7 +9,7 @@ round:
 
 - each distinct depthwise layer of EfficientNet-B0 (kernel, stride, channels, input
   side) at the given batch and image size: forward and gradients (input and kernel);
-- the trainer's whole EfficientNet-B0 train step (`examples.train.create_parallel`,
+- the trainer's whole EfficientNet-B0 train step (`examples.train.build`,
   CoolMomentum, sharded jit) built with each implementation (`--no-step` skips it: it
   compiles for minutes on a CPU).
 
@@ -39,7 +39,7 @@ from benchmarks.timing import (
   set_trainer_xla_flags,
   time_rounds,
 )
-from examples import models, optimizers, schema, train
+from examples import models, train
 from examples.configs import imagenet_efficientnet_b0
 
 STEPS_PER_EPOCH = 1000
@@ -74,12 +74,14 @@ def step_variant(implementation: str, batch: int, image_size: int) -> Timed:
   """The trainer's EfficientNet-B0 train step with `implementation`, compiled."""
   config = imagenet_efficientnet_b0.get_config()
   config.image_size, config.parallelism = image_size, 'jit'
-  config = schema.resolve_config(config)
+  # Random images of the recipe's shape, and BatchNorm over the whole small batch.
+  config.update(dataset='synthetic', batch_size=batch, steps_per_epoch=STEPS_PER_EPOCH)
+  config.update(synthetic_train_size=batch, synthetic_test_size=batch, batch_norm_group_size=0)
+  config, task = train.prepare(config)
   model = models.EfficientNetB0(config.num_classes, depthwise_implementation=implementation)
-  tx, _ = optimizers.create_optimizer(config, STEPS_PER_EPOCH)
+  run = train.build(config, task, model=model)
+  host_state, parallel = run.state, run.parallel
   shape = (image_size, image_size, 3)
-  host_state = train.create_train_state(jax.random.PRNGKey(0), model, shape, tx)
-  parallel = train.create_parallel(config, model)
   rng = np.random.default_rng(0)
   local = jax.local_device_count()
   images = rng.standard_normal((local, batch // local, *shape), dtype=np.float32)

@@ -4,7 +4,7 @@ In one process, on one fixed batch of random images and labels, three train step
 of the same model run in interleaved rounds (the starting one rotates from round
 to round):
 
-- jax: the trainer's own step, `examples.train.create_parallel(config, model).train_step`
+- jax: the trainer's own step, `examples.train.build(...).parallel.train_step`
   with `config.parallelism = 'jit'` and the 'momentum' optimizer (`optax.sgd(0.01,
   momentum=0.9)`), the train state donated;
 - keras (XLA): the Keras model's `train_on_batch` with `keras.optimizers.SGD(0.01,
@@ -52,7 +52,7 @@ from benchmarks.timing import (
   set_trainer_xla_flags,
   time_rounds,
 )
-from examples import optimizers, schema, train
+from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
 # TensorFlow and Keras come with the [keras_peer] extra, not with [examples]: imported
@@ -160,11 +160,12 @@ def jax_step(
   config.parallelism = 'jit'
   # Keras normalises over the whole batch; the recipe's groups of 256 exceed a CPU batch.
   config.batch_norm_group_size = 0
-  config = schema.resolve_config(config)
-  model = train.create_model(config)
-  tx, _ = optimizers.create_optimizer(config, STEPS_PER_EPOCH)
-  state = train.create_train_state(jax.random.PRNGKey(0), model, images.shape[1:], tx)
-  parallel = train.create_parallel(config, model)
+  # The recipe's model on the given images: the timed step reads no data set.
+  config.update(dataset='synthetic', num_channels=images.shape[-1], batch_size=len(images))
+  config.update(steps_per_epoch=STEPS_PER_EPOCH, synthetic_train_size=len(images))
+  config.synthetic_test_size = len(images)
+  run = train.build(*train.prepare(config))
+  state, parallel = run.state, run.parallel
   batch = parallel.put_batch({'image': images[None], 'label': labels[None]})
   timed, _ = jax_carry_step(parallel.train_step, (parallel.put_state(state),), batch)
   return timed, sum(np.size(p) for p in jax.tree.leaves(state.params))

@@ -5,7 +5,7 @@ of `examples/configs/imagenet_efficientnet_b0.py`) and each optimizer ('coolmome
 which the trainer chains with `coolopt.track_kinetic_temperature()`, and 'momentum', the
 recipe's baseline), two jit-compiled steps are timed on one fixed synthetic batch:
 
-- (a) the trainer's own train step, `examples.train.create_parallel(...).train_step`
+- (a) the trainer's own train step, `examples.train.build(...).parallel.train_step`
   with `config.parallelism = 'jit'` (forward, backward, optimizer, the finite-step
   check), the train state donated, as `examples.train` runs it;
 - (b) the optimizer alone: `tx.update` + `optax.apply_updates` with the same `tx`
@@ -51,7 +51,7 @@ from benchmarks.timing import (
   set_trainer_xla_flags,
   time_rounds,
 )
-from examples import optimizers, schema, train
+from examples import train
 from examples.configs import cifar10_resnet20, imagenet_efficientnet_b0
 
 CONFIGS = {'resnet20': cifar10_resnet20, 'efficientnet_b0': imagenet_efficientnet_b0}
@@ -69,12 +69,17 @@ def make_config(model: str, optimizer: str, batch: int, image_size: int, half_pr
   config.image_size = image_size
   config.half_precision = half_precision
   config.parallelism = 'jit'
+  # The recipe's model on random images of its shape: the timed steps read no data set.
+  config.update(
+    dataset='synthetic', num_channels=3, batch_size=batch, steps_per_epoch=STEPS_PER_EPOCH
+  )
+  config.update(synthetic_train_size=batch, synthetic_test_size=batch)
   group = config.batch_norm_group_size
   if group and batch % group:
     # The recipe's BatchNorm groups (256 examples) do not divide a small batch: the whole
     # batch is one group.
     config.batch_norm_group_size = 0
-  return schema.resolve_config(config)
+  return config
 
 
 def build(
@@ -82,11 +87,10 @@ def build(
 ) -> tuple[Timed, Timed, int]:
   """The train step and the optimizer step of one (model, optimizer), and the parameter count."""
   config = make_config(model_name, optimizer, batch, image_size, half)
-  model = train.create_model(config)
-  tx, _ = optimizers.create_optimizer(config, STEPS_PER_EPOCH)
+  config.seed = seed
+  run = train.build(*train.prepare(config))
+  host_state, parallel, tx = run.state, run.parallel, run.state.tx
   shape = (image_size, image_size, config.num_channels)
-  host_state = train.create_train_state(jax.random.PRNGKey(seed), model, shape, tx)
-  parallel = train.create_parallel(config, model)
 
   rng = np.random.default_rng(seed)
   local = jax.local_device_count()

@@ -25,7 +25,8 @@ import ml_collections
 from absl import app, flags
 
 from examples import main as trainer_main
-from examples import schema, train
+from examples import schema, tasks, train
+from examples.workdir import plot_curves
 
 FLAGS = flags.FLAGS
 
@@ -41,62 +42,44 @@ def optimizer_config(config: ml_collections.ConfigDict, name: str) -> ml_collect
   return config
 
 
-def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """The comparison entry of one optimizer from its metrics rows.
+def summarize(rows: Sequence[Mapping[str, Any]], scores: Sequence[Any]) -> dict[str, Any]:
+  """The comparison entry of one optimizer from its metrics rows: the last training loss,
+  the last value of each of the task's `scores` (see `examples.tasks.Score`) and the
+  best of the first.
 
   'seconds' is the training time the run logged (`wall_time`, across resumptions), so
   that a resumed or already finished run reports its whole cost.
   """
-  if rows and 'valid_perplexity' in rows[-1]:
-    # A language model: the last and best validation perplexity, and the last test one.
-    perplexities = [row['valid_perplexity'] for row in rows if row['valid_perplexity'] is not None]
-    return {
-      'final_train_loss': rows[-1]['train_loss'],
-      'valid_perplexity': rows[-1]['valid_perplexity'],
-      'best_valid_perplexity': min(perplexities) if perplexities else None,
-      'test_perplexity': rows[-1]['test_perplexity'],
-      'seconds': rows[-1]['wall_time'],
-    }
-  accuracies = [row['test_accuracy'] for row in rows if row['test_accuracy'] is not None]
-  return {
-    'final_train_loss': rows[-1]['train_loss'] if rows else None,
-    'test_accuracy': rows[-1]['test_accuracy'] if rows else None,
-    'best_test_accuracy': max(accuracies) if accuracies else None,
-    'seconds': rows[-1]['wall_time'] if rows else None,
-  }
+  last = rows[-1] if rows else {}
+  result = {'final_train_loss': last.get('train_loss')}
+  for i, score in enumerate(scores):
+    result[score.key] = last.get(score.key)
+    if i == 0:
+      values = [row[score.key] for row in rows if row.get(score.key) is not None]
+      result[f'best_{score.key}'] = score.best(values) if values else None
+  result['seconds'] = last.get('wall_time')
+  return result
 
 
 def _format(value: Any, spec: str) -> str:
   return '-' if value is None else format(value, spec)
 
 
-def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  if any('valid_perplexity' in result for result in results.values()):
-    lines = [
-      '| optimizer | final train loss | final valid perplexity | best valid perplexity '
-      '| final test perplexity | seconds |',
-      '|---|---:|---:|---:|---:|---:|',
-    ]
-    for name, result in results.items():
-      lines.append(
-        f'| {name} | {_format(result["final_train_loss"], ".4f")} '
-        f'| {_format(result["valid_perplexity"], ".2f")} '
-        f'| {_format(result["best_valid_perplexity"], ".2f")} '
-        f'| {_format(result["test_perplexity"], ".2f")} '
-        f'| {_format(result["seconds"], ".1f")} |'
-      )
-    return '\n'.join(lines) + '\n'
-  lines = [
-    '| optimizer | final train loss | final test accuracy | best test accuracy | seconds |',
-    '|---|---:|---:|---:|---:|',
-  ]
+def markdown_table(results: Mapping[str, Mapping[str, Any]], scores: Sequence[Any]) -> str:
+  """The entries of `summarize` as a table, a row per optimizer."""
+  header = ['optimizer', 'final train loss']
+  for i, score in enumerate(scores):
+    header += [f'final {score.label}'] + ([f'best {score.label}'] if i == 0 else [])
+  header.append('seconds')
+  lines = ['| ' + ' | '.join(header) + ' |', '|---|' + '---:|' * (len(header) - 1)]
   for name, result in results.items():
-    lines.append(
-      f'| {name} | {_format(result["final_train_loss"], ".4f")} '
-      f'| {_format(result["test_accuracy"], ".2%")} '
-      f'| {_format(result["best_test_accuracy"], ".2%")} '
-      f'| {_format(result["seconds"], ".1f")} |'
-    )
+    cells = [name, _format(result['final_train_loss'], '.4f')]
+    for i, score in enumerate(scores):
+      cells.append(_format(result[score.key], score.spec))
+      if i == 0:
+        cells.append(_format(result[f'best_{score.key}'], score.spec))
+    cells.append(_format(result['seconds'], '.1f'))
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -106,8 +89,10 @@ def compare(
   """Trains `config` with each of `optimizers` and writes the comparison files.
 
   Returns:
-    `{optimizer: {'final_train_loss', 'test_accuracy', 'best_test_accuracy', 'seconds'}}`.
+    `{optimizer: summarize(its rows)}`, e.g. `{'final_train_loss', 'test_accuracy',
+    'best_test_accuracy', 'seconds'}` for an image classifier.
   """
+  scores = tasks.create_task(config).scores
   configs = {name: optimizer_config(config, name) for name in optimizers}
   # Every configuration is checked before the first one spends time training.
   for name_config in configs.values():
@@ -117,13 +102,13 @@ def compare(
     run_dir = os.path.join(workdir, name)
     train.train_and_evaluate(name_config, run_dir)
     runs[name] = train.read_metrics(os.path.join(run_dir, train.METRICS_FILE))
-    results[name] = summarize(runs[name])
+    results[name] = summarize(runs[name], scores)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
       json.dump(results, f, indent=2)
     with open(os.path.join(workdir, 'comparison.md'), 'w') as f:
-      f.write(markdown_table(results))
-    train.plot_curves(runs, os.path.join(workdir, 'comparison.png'))
+      f.write(markdown_table(results, scores))
+    plot_curves(runs, os.path.join(workdir, 'comparison.png'), scores[0])
   return results
 
 
@@ -132,7 +117,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   trainer_main.setup()
   results = compare(FLAGS.config, FLAGS.workdir, FLAGS.optimizers)
-  print(markdown_table(results))
+  print(markdown_table(results, tasks.create_task(FLAGS.config).scores))
 
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,18 +115,18 @@ def _format(value: float | None, spec: str) -> str:
   return '-' if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def epoch_line(name: str, row: Mapping[str, Any], num_epochs: int, seconds: float) -> str:
+def epoch_line(
+  name: str, row: Mapping[str, Any], num_epochs: int, seconds: float, scores: Sequence[Any]
+) -> str:
   """The line printed after an epoch: what a reader follows of its metrics row.
 
-  `name` is the optimizer; `seconds` the epoch's training and evaluation time.
+  `name` is the optimizer; `seconds` the epoch's training and evaluation time; `scores`
+  the task's (see `examples.tasks.Score`).
   """
   parts = [f'{name} epoch {row["epoch"]}/{num_epochs}:']
   parts.append(f'train loss {_format(row["train_loss"], ".4f")}')
-  if 'valid_perplexity' in row:
-    parts.append(f'valid perplexity {_format(row["valid_perplexity"], ".2f")}')
-    parts.append(f'test perplexity {_format(row["test_perplexity"], ".2f")}')
-  else:
-    parts.append(f'test accuracy {_format(row["test_accuracy"], ".2%")}')
+  for score in scores:
+    parts.append(f'{score.label} {_format(row[score.key], score.spec)}')
   if row.get('rho') is not None:
     parts.append(f'rho {_format(row["rho"], ".4g")}')
   parts.append(f'kinetic temperature {_format(row["kinetic_temperature"], ".3g")}')

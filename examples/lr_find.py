@@ -36,8 +36,8 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 import coolopt
-from examples import data_parallel, optimizers, schema, train
 from examples import main as trainer_main
+from examples import tasks, train
 
 FLAGS = flags.FLAGS
 
@@ -54,11 +54,11 @@ flags.DEFINE_float(
 )
 
 
-def _train_batches(config: ml_collections.ConfigDict) -> Iterator[dict[str, np.ndarray]]:
+def _train_batches(task: tasks.Task) -> Iterator[dict[str, np.ndarray]]:
   """The training batches of epoch 0, 1, ... in the trainer's order, without end."""
   epoch = 0
   while True:
-    yield from train.train_batches(config, epoch)
+    yield from task.train_batches(epoch)
     epoch += 1
 
 
@@ -119,8 +119,7 @@ def lr_find(
     ValueError: for a config that cannot train, for 'sgd_sa' (its rates are its
       multipliers: there is no learning rate to find), or for bad arguments.
   """
-  schema.validate_config(config)
-  config = schema.resolve_config(config)
+  config, task = train.prepare(config)
   if config.optimizer == 'sgd_sa':
     raise ValueError(
       "config.optimizer must have a learning rate for the range test, got 'sgd_sa', whose "
@@ -132,23 +131,12 @@ def lr_find(
   coolopt.smooth_losses([], smoothing)  # Checks the arguments before anything compiles.
   coolopt.divergence_step([], divergence_threshold)
 
-  image_shape, steps_per_epoch = train.input_shape_and_steps(config)
-  config.steps_per_epoch = steps_per_epoch
-  axis_name = data_parallel.AXIS_NAME if config.parallelism == 'pmap' else None
-  model = train.create_model(config, axis_name=axis_name)
-  tx, _ = optimizers.create_optimizer(
-    config, steps_per_epoch, axis_name=axis_name, learning_rate=schedule, constant_rho=True
-  )
-  # A language model carries the LSTM state of its `batch_size` streams.
-  streams = config.batch_size if schema.is_language_model(config) else 0
-  host_state = train.create_train_state(
-    jax.random.PRNGKey(config.seed), model, image_shape, tx, streams=streams
-  )
-  parallel = train.create_parallel(config, model)
-  state = parallel.put_state(host_state)
+  run = train.build(config, task, learning_rate=schedule, constant_rho=True)
+  parallel = run.parallel
+  state = parallel.put_state(run.state)
 
   learning_rates, losses, diverged_at = [], [], None
-  for step, batch in zip(range(num_steps), _train_batches(config), strict=False):
+  for step, batch in zip(range(num_steps), _train_batches(task), strict=False):
     state, metrics = parallel.train_step(state, parallel.put_batch(batch))
     metrics = parallel.get_metrics(metrics)
     learning_rates.append(float(schedule(step)))

@@ -14,14 +14,19 @@ the logits are returned in float32, so the loss is computed at full precision. `
 is handed to every ``nn.BatchNorm``, so that under ``jax.pmap(..., axis_name=...)`` the batch
 statistics are averaged over all replicas. Models without dropout ignore the ``'dropout'`` rng.
 
-Weight decay on convolutions only
----------------------------------
-The Keras ResNet reference regularises the convolution kernels with ``l2(1e-4)`` (a loss term
-``1e-4 * sum(w**2)`` per kernel) and leaves the Dense layer, the biases and the BatchNorm
-parameters alone. Every convolution here is a module whose name contains ``conv`` (``conv_init``,
-``conv1``, ``conv_proj``, ``se_reduce_conv``, ...) and the classifier is named ``head``, so the
-kernels to regularise are the leaves whose path ends in ``(<...conv...>, 'kernel')``.
-:func:`conv_kernel_mask` builds that mask::
+Which parameters a penalty applies to
+-------------------------------------
+The masks go by what a parameter is, never by a module's name, so that a new model cannot
+lose its penalty by naming its layers differently. The Keras ResNet reference regularises the
+convolution kernels with ``l2(1e-4)`` (a loss term ``1e-4 * sum(w**2)`` per kernel) and leaves
+the Dense layer, the biases and the BatchNorm parameters alone: :func:`conv_kernel_mask` selects
+the parameters of rank 3 or more, which in Flax are exactly the convolution kernels (a Dense
+kernel or an embedding is a matrix, a bias or a scale a vector). The EfficientNet reference
+decays every parameter but BatchNorm's: :func:`weight_decay_mask` selects all but the
+parameters of the normalisation layers, the modules that hold a ``scale`` (Flax's
+``BatchNorm``, ``LayerNorm``, ``GroupNorm`` and :class:`BatchNorm` here name their parameters
+``scale`` and ``bias``; ``Conv``, ``Dense`` and ``Embed`` name theirs ``kernel``, ``bias`` and
+``embedding``)::
 
   mask = conv_kernel_mask(variables['params'])
   l2 = sum(jnp.sum(w**2) for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m)
@@ -31,7 +36,6 @@ kernels to regularise are the leaves whose path ends in ``(<...conv...>, 'kernel
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -498,38 +502,28 @@ def get_model(
   )
 
 
+def _names(path: tuple[Any, ...]) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
 def conv_kernel_mask(params: Any) -> Any:
-  """A pytree of bools like ``params``: True exactly for the convolution kernels.
-
-  Convolutions are the modules whose name contains ``conv``; works on ``variables['params']``
-  or on the whole ``variables`` dict.
-  """
-
-  def is_conv_kernel(path: tuple[Any, ...], _) -> bool:
-    names = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
-    return len(names) >= 2 and names[-1] == 'kernel' and 'conv' in str(names[-2]).lower()
-
-  return jax.tree_util.tree_map_with_path(is_conv_kernel, params)
-
-
-_BATCH_NORM_NAME = re.compile(r'(.*_)?bn\d*(_.*)?')
+  """A pytree of bools like ``params``: True exactly for the convolution kernels, the
+  parameters of rank 3 or more. Works on ``variables['params']`` or on the whole
+  ``variables`` dict (the statistics are vectors)."""
+  return jax.tree.map(lambda x: len(x.shape) >= 3, params)
 
 
 def batch_norm_mask(params: Any) -> Any:
-  """A pytree of bools like ``params``: True exactly for the BatchNorm scales and biases.
-
-  BatchNorm modules are named ``bn``, ``bn<k>``, ``<...>_bn`` or ``bn_<...>``
-  (``bn1``, ``stem_bn``, ``bn_init``, ...).
-  """
-
-  def in_batch_norm(path: tuple[Any, ...], _) -> bool:
-    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
-    return len(names) >= 2 and bool(_BATCH_NORM_NAME.fullmatch(names[-2]))
-
-  return jax.tree_util.tree_map_with_path(in_batch_norm, params)
+  """A pytree of bools like ``params``: True exactly for the parameters of the
+  normalisation layers, the modules that hold a ``scale``."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  normalisation = {_names(path)[:-1] for path, _ in leaves if _names(path)[-1] == 'scale'}
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: _names(path)[:-1] in normalisation, params
+  )
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """A pytree of bools like ``params``: True for every parameter but BatchNorm's, the
-  parameters that weight decay applies to."""
-  return jax.tree.map(lambda bn: not bn, batch_norm_mask(params))
+  """A pytree of bools like ``params``: True for every parameter but those of the
+  normalisation layers, the parameters that weight decay applies to."""
+  return jax.tree.map(lambda normalisation: not normalisation, batch_norm_mask(params))

@@ -127,21 +127,18 @@ def finite_or_none(value: Any) -> Any:
   return value
 
 
-def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> None:
+def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, score: Any) -> None:
   """The paper's three panels per epoch, one line per run: training loss (log scale),
-  test accuracy and kinetic temperature (log scale; a thermostat's target dotted).
+  the task's `score` (see `examples.tasks.Score`; test accuracy for an image classifier)
+  and kinetic temperature (log scale; a thermostat's target dotted).
 
   The training loss is the loss over the whole training set in inference mode
   (`eval_train_loss`, the paper's Fig. 1) for a run that logs it, and the mean of the
   epoch's minibatch losses (`train_loss`) otherwise.
   """
-  language = any(row.get('valid_perplexity') is not None for rows in runs.values() for row in rows)
   panels = (
     (('eval_train_loss', 'train_loss'), 'training loss', 'log'),
-    # A language model's second panel is its validation perplexity.
-    (('valid_perplexity',), 'validation perplexity', 'log')
-    if language
-    else (('test_accuracy',), 'test accuracy', 'linear'),
+    ((score.key,), score.label, score.scale),
     (('kinetic_temperature',), 'kinetic temperature (mean dx²)', 'log'),
   )
   # Fixed margins: a layout engine would cost more than the drawing, every epoch.
@@ -169,6 +166,6 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str) -> N
     ax.set_title(label)
     ax.grid(True, alpha=0.3)
   axes[1].legend(
-    loc='upper right' if language else 'lower right'
+    loc='lower right' if score.best is max else 'upper right'
   )  # 'best' would cost more than the whole drawing.
   figure.savefig(path, dpi=100)

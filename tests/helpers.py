@@ -1,15 +1,86 @@
-"""Shared by the tests: the metrics rows of a trainer run and their comparison between
-two runs, and a digest that pins a pipeline's batches bit for bit."""
+"""Shared by the tests: the configs of short trainer runs, a mocked TFDS data set, the
+metrics rows of a run and their comparison between two runs, a digest that pins a
+pipeline's batches bit for bit, and a float64 transcription of the cooling schedules."""
 
 import hashlib
 import os
+import subprocess
+import sys
 
+import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+import coolopt
 from examples import workdir
+from examples.configs import digits, lstm_lm
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fields that measure time, not training.
 TIMING = ('images_per_sec', 'tokens_per_sec', 'wall_time')
+
+
+def short(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+  """`config` cut to one epoch of two steps, without a progress bar, then `fields`."""
+  config.progress_bar = False
+  config.steps_per_epoch = 2
+  config.steps_per_eval = 1
+  config.num_epochs = 1
+  config.update(fields)
+  return config
+
+
+def short_digits(**fields) -> ml_collections.ConfigDict:
+  """The digits recipe cut to one epoch of three steps, then `fields`."""
+  return short(digits.get_config(), **{'steps_per_epoch': 3, **fields})
+
+
+def tiny_language_model(**fields) -> ml_collections.ConfigDict:
+  """The language-model recipe on python_docs with a tiny model and a few windows of 8
+  streams (one per test device), then `fields`."""
+  config = lstm_lm.get_config()
+  config.update(
+    embedding_size=8,
+    hidden_size=16,
+    num_layers=2,
+    bptt=10,
+    batch_size=8,
+    eval_batch_size=8,
+    steps_per_epoch=4,
+    steps_per_eval=2,
+    num_epochs=2,
+    progress_bar=False,
+  )
+  config.update(fields)
+  return config
+
+
+# The splits of the TFDS data sets the tests mock.
+MOCK_SPLITS = {'cifar10': ('train', 'test'), 'imagenet2012': ('train', 'validation')}
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """Runs `python -m module args` from the repository root and checks that it succeeds."""
+  result = subprocess.run(
+    [sys.executable, '-m', module, *args],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def run_python(args: list[str], cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs this interpreter with `args` in `cwd`, importing this checkout's coolopt and
+  drawing with matplotlib's Agg; the caller checks the result."""
+  env = dict(os.environ, MPLBACKEND='Agg')
+  env['PYTHONPATH'] = os.pathsep.join(filter(None, [REPO_ROOT, env.get('PYTHONPATH')]))
+  return subprocess.run(
+    [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
 def read_rows(directory) -> list[dict]:
@@ -38,7 +109,7 @@ def digest(batches) -> str:
   return sha.hexdigest()[:16]
 
 
-def mock_tfds(data_dir: str, name: str, num_examples: int, splits):
+def mock_tfds(data_dir: str, name: str, num_examples: int, splits=None):
   """Mocks the TFDS dataset `name` as prepared as ArrayRecord in `data_dir`.
 
   `tfds.testing.mock_data`'s `MockPolicy.USE_CODE` leaves the builder unprepared and
@@ -51,7 +122,6 @@ def mock_tfds(data_dir: str, name: str, num_examples: int, splits):
   """
   import io
 
-  import tensorflow_datasets as tfds
   from PIL import Image
 
   builder = tfds.builder(name, data_dir=data_dir)
@@ -59,7 +129,7 @@ def mock_tfds(data_dir: str, name: str, num_examples: int, splits):
     tfds.core.SplitDict(
       [
         tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
-        for split in splits
+        for split in splits or MOCK_SPLITS[name]
       ]
     )
   )
@@ -87,3 +157,35 @@ def mock_tfds(data_dir: str, name: str, num_examples: int, splits):
     data_dir=data_dir,
     as_data_source_fn=as_data_source_fn,
   )
+
+
+COOLINGS = {
+  'exponential': coolopt.exponential_cooling,
+  'linear': coolopt.linear_cooling,
+  'friction': coolopt.friction_cooling,
+}
+
+
+def reference_rho(cooling, n, rho_0, total_steps, warmup_steps=0):
+  """rho_n in float64, transcribed from DESIGN.md §1 and paper Eqs. 20-21 / Table 1."""
+  n, rho_0 = np.float64(n), np.float64(rho_0)
+  if n < warmup_steps:
+    return 0.0
+  if total_steps is None:
+    return float(rho_0)
+  S = np.float64(total_steps)
+  # Past S the formulas may divide by zero or overflow; the clip at 0 is the value.
+  with np.errstate(divide='ignore', over='ignore', invalid='ignore'):
+    if cooling == 'exponential':
+      alpha = (1.0 - rho_0) ** (1.0 / S)
+      rho = 1.0 - (1.0 - rho_0) / alpha**n
+    elif cooling == 'linear':
+      rho = rho_0 * (1.0 - n / S) / abs(1.0 - rho_0 * n / S)
+    elif cooling == 'friction':
+      c = (1.0 - rho_0) / (1.0 + rho_0)
+      beta = c ** (1.0 / S)
+      r = c / beta**n
+      rho = (1.0 - r) / (1.0 + r)
+    else:
+      raise ValueError(cooling)
+  return 0.0 if n >= S or np.isnan(rho) else float(max(0.0, rho))

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import coolopt
-from tests.test_schedules import COOLINGS, reference_rho
+from tests.helpers import COOLINGS, reference_rho
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import coolopt
+from tests.helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
@@ -43,17 +44,7 @@ def python_blocks(markdown: str) -> list[str]:
 def run_script(code: str, path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
   """Runs `code`, written to `path`, with this interpreter and this checkout's coolopt."""
   path.write_text(code)
-  env = dict(os.environ, MPLBACKEND='Agg')
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
-  return subprocess.run(
-    [sys.executable, str(path)],
-    cwd=path.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
+  return run_python([str(path)], path.parent, timeout)
 
 
 def _pages_with_examples() -> list[Path]:

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from examples import input_pipeline, train
+from examples import input_pipeline, tasks
 from examples.configs import default
 from tests.helpers import digest, mock_tfds
 
@@ -612,7 +612,7 @@ def test_the_pipeline_options_are_set_from_the_command_line_on_a_locked_config()
   assert config.is_locked
   with pytest.raises(AttributeError):
     config.no_such_field = 1
-  options = train.data_options(config)
+  options = tasks.create_task(config).data_options()
   assert options == Options(
     dataset='synthetic',
     data_dir='/data',
@@ -629,7 +629,7 @@ def test_the_pipeline_options_are_set_from_the_command_line_on_a_locked_config()
     num_train=64, num_test=8, num_classes=10, image_shape=(8, 8, 3)
   )
   # Unset, the cache is the dataset's default.
-  assert train.data_options(default.get_config()).cache is None
+  assert tasks.create_task(default.get_config()).data_options().cache is None
 
 
 def test_a_dataset_is_one_entry_in_the_registry(monkeypatch):

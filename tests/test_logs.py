@@ -13,10 +13,11 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
-from examples import checkpoints, compare, logs, train
+from examples import checkpoints, compare, logs, tasks, train
 from examples.configs import digits
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SCORES = tasks.ImageClassification.scores
 
 
 def _events(workdir) -> dict[str, dict[int, float]]:
@@ -47,12 +48,12 @@ def test_epoch_line_reads_the_row():
     'kinetic_temperature': 1.06e-8,
     'acceptance_rate': None,
   }
-  assert logs.epoch_line('coolmomentum', row, 10, 1.25) == (
+  assert logs.epoch_line('coolmomentum', row, 10, 1.25, IMAGE_SCORES) == (
     'coolmomentum epoch 3/10: train loss 0.1235, test accuracy 96.11%, rho 0.5, '
     'kinetic temperature 1.06e-08, 1.2s'
   )
   row.update(rho=None, acceptance_rate=0.25, test_accuracy=None)
-  assert logs.epoch_line('sgd_sa', row, 10, 2.0) == (
+  assert logs.epoch_line('sgd_sa', row, 10, 2.0, IMAGE_SCORES) == (
     'sgd_sa epoch 3/10: train loss 0.1235, test accuracy -, kinetic temperature 1.06e-08, '
     'acceptance 25.0%, 2.0s'
   )
@@ -64,7 +65,7 @@ def test_epoch_line_reads_the_row():
     'rho': None,
     'kinetic_temperature': 2e-3,
   }
-  assert logs.epoch_line('sgd', language, 2, 3.0) == (
+  assert logs.epoch_line('sgd', language, 2, 3.0, tasks.LanguageModel.scores) == (
     'sgd epoch 1/2: train loss 5.0000, valid perplexity 150.00, test perplexity 140.50, '
     'kinetic temperature 0.002, 3.0s'
   )

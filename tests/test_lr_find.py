@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,9 +9,7 @@ import pytest
 import coolopt
 from examples import checkpoints, lr_find, optimizers, schema, text_pipeline
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
-from tests.test_train_language_model import _tiny as tiny_language_model
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_module, tiny_language_model
 
 
 def _digits(**fields):
@@ -47,25 +43,16 @@ def test_command_line_on_digits_writes_json_and_plot_and_no_checkpoint(tmp_path)
   checkpoint = tmp_path / checkpoints.CHECKPOINT_DIR / '3' / 'state'
   checkpoint.parent.mkdir(parents=True)
   checkpoint.write_text('a checkpoint')
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'examples.lr_find',
-      '--config=examples/configs/digits.py',
-      f'--workdir={tmp_path}',
-      '--config.progress_bar=False',
-      '--num_steps=40',
-      '--lr_min=1e-4',
-      '--lr_max=1.0',
-      '--rule=minimum',
-    ],
-    cwd=REPO_ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  result = run_module(
+    'examples.lr_find',
+    '--config=examples/configs/digits.py',
+    f'--workdir={tmp_path}',
+    '--config.progress_bar=False',
+    '--num_steps=40',
+    '--lr_min=1e-4',
+    '--lr_max=1.0',
+    '--rule=minimum',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
   saved = _read(tmp_path)
   _assert_result(saved, num_steps=40, lr_min=1e-4, lr_max=1.0)
   assert saved['rule'] == 'minimum' and saved['optimizer'] == 'coolmomentum'

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 from examples import main
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAG = '--xla_cpu_experimental_ynn_fusion_type='
 
 

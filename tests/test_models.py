@@ -11,6 +11,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from examples import models
+from examples.train import regularization
 
 
 def _abstract_variables(name, num_classes, shape, dtype=jnp.float32):
@@ -395,3 +396,36 @@ def test_depthwise_conv_on_cpu_is_shifted_and_checks_its_implementation():
   assert 'convolution' in jax.jit(convolution.apply).lower(variables, x).as_text()
   with pytest.raises(ValueError, match=r'implementation=.im2col.'):
     models.DepthwiseConv(3, implementation='im2col').init(jax.random.key(0), x)
+
+
+class _Unconventional(nn.Module):
+  """Layers whose names say nothing of what they are."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), name='alpha')(x)
+    x = models.BatchNorm(use_running_average=not train, name='beta')(x)
+    x = nn.LayerNorm(name='gamma')(x)
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(3, name='delta')(x)
+
+
+def test_masks_go_by_what_a_parameter_is_not_by_its_name():
+  variables = jax.eval_shape(
+    lambda: _Unconventional().init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)), train=False)
+  )
+  params = variables['params']
+  flat = traverse_util.flatten_dict(models.conv_kernel_mask(params))
+  assert {path for path, m in flat.items() if m} == {('alpha', 'kernel')}
+  flat = traverse_util.flatten_dict(models.weight_decay_mask(params))
+  decayed = {('alpha', 'kernel'), ('alpha', 'bias'), ('delta', 'kernel'), ('delta', 'bias')}
+  assert {path for path, m in flat.items() if m} == decayed
+  # The trainer's penalty follows the masks: l2 on the convolution kernel, weight decay
+  # on all but the normalisation layers.
+  ones = jax.tree.map(lambda x: np.ones(x.shape, np.float32), params)
+  sizes = {path: int(np.prod(x.shape)) for path, x in traverse_util.flatten_dict(params).items()}
+  np.testing.assert_allclose(
+    regularization(ones, l2_regularization=0.5, weight_decay=0.1),
+    0.5 * sizes['alpha', 'kernel'] + 0.1 / 2 * sum(sizes[path] for path in decayed),
+    rtol=1e-6,
+  )

@@ -8,13 +8,13 @@ cell's number and traceback. Notebooks are stored without outputs.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from tests.helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / 'docs' / 'notebooks').glob('*.ipynb'))
@@ -48,17 +48,7 @@ for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
 
 def run_notebook(path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
   """Executes the notebook at `path` in a fresh interpreter, from its directory."""
-  env = dict(os.environ, MPLBACKEND='Agg')
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
-  return subprocess.run(
-    [sys.executable, '-c', CELL_RUNNER, str(path)],
-    cwd=path.parent,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
+  return run_python(['-c', CELL_RUNNER, str(path)], path.parent, timeout)
 
 
 def test_the_notebooks_are_there():

@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from examples import (
   checkpoints,
@@ -19,12 +18,13 @@ from examples import (
   language_model,
   optimizers,
   schema,
+  tasks,
   text_pipeline,
   train,
   workdir,
 )
 from examples.configs import lstm_lm
-from tests.helpers import assert_same_rows, read_rows
+from tests.helpers import assert_same_rows, read_rows, tiny_language_model
 
 NO_DROPOUT = (
   'output_dropout',
@@ -44,43 +44,6 @@ LM_ROW_KEYS = {
   'learning_rate',
   'tokens_per_sec',
 }
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _compilation_cache(tmp_path_factory):
-  """A persistent compilation cache: the runs here compile the same programs."""
-  settings = {
-    'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('compilation_cache')),
-    'jax_persistent_cache_min_compile_time_secs': 0.0,
-  }
-  previous = {name: getattr(jax.config, name) for name in settings}
-  for name, value in settings.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
-
-def _tiny(**fields) -> ml_collections.ConfigDict:
-  """The recipe on python_docs with a tiny model and a few windows of 8 streams (one per
-  test device)."""
-  config = lstm_lm.get_config()
-  config.update(
-    embedding_size=8,
-    hidden_size=16,
-    num_layers=2,
-    bptt=10,
-    batch_size=8,
-    eval_batch_size=8,
-    steps_per_epoch=4,
-    steps_per_eval=2,
-    num_epochs=2,
-    progress_bar=False,
-  )
-  config.update(fields)
-  return config
 
 
 def _recipe(**fields) -> ml_collections.ConfigDict:
@@ -114,7 +77,7 @@ def test_trains_and_resumes_exactly_inside_an_epoch(tmp_path):
   # the row of epoch 2, and resumes at step 6, inside epoch 2, with the LSTM state that
   # the checkpoint carried; it must end as an uninterrupted run.
   resumed, straight = tmp_path / 'resumed', tmp_path / 'straight'
-  config = _tiny(optimizer='sgd', checkpoint_every_steps=2)
+  config = tiny_language_model(optimizer='sgd', checkpoint_every_steps=2)
   train.train_and_evaluate(config, str(resumed))
   shutil.rmtree(resumed / checkpoints.CHECKPOINT_DIR / '8')
   assert os.path.isdir(resumed / checkpoints.CHECKPOINT_DIR / '6')
@@ -145,8 +108,12 @@ def test_pmap_and_jit_train_alike(tmp_path):
   # the carried state and gathers the new rows of all.
   no_dropout = {name: 0.0 for name in NO_DROPOUT}
   fields = dict(num_epochs=1, steps_per_epoch=3, **no_dropout)
-  pmap = train.train_and_evaluate(_tiny(parallelism='pmap', **fields), str(tmp_path / 'pmap'))
-  jit = train.train_and_evaluate(_tiny(parallelism='jit', **fields), str(tmp_path / 'jit'))
+  pmap = train.train_and_evaluate(
+    tiny_language_model(parallelism='pmap', **fields), str(tmp_path / 'pmap')
+  )
+  jit = train.train_and_evaluate(
+    tiny_language_model(parallelism='jit', **fields), str(tmp_path / 'jit')
+  )
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)  # noqa: E731
   jax.tree.map(close, pmap.params, jit.params)
   jax.tree.map(close, pmap.carry, jit.carry)
@@ -159,15 +126,22 @@ def test_weight_decay_is_added_to_the_clipped_gradient(tmp_path):
   # The reference clips the objective's gradient, then its SGD adds the decay: one step
   # of SGD at lr 30 is w - 30 * (clip(g) + wd * w), not w - 30 * clip(g + wd * w).
   fields = {name: 0.0 for name in NO_DROPOUT}
-  config = _tiny(optimizer='sgd', num_epochs=1, steps_per_epoch=1, weight_decay=0.01, **fields)
+  config = tiny_language_model(
+    optimizer='sgd', num_epochs=1, steps_per_epoch=1, weight_decay=0.01, **fields
+  )
   resolved = schema.resolve_config(config)
   resolved.steps_per_epoch = 1
-  model = train.create_model(resolved)
+  task = tasks.create_task(resolved)
+  model = task.create_model()
   tx, _ = optimizers.create_optimizer(resolved, 1)
-  initial = train.create_train_state(jax.random.PRNGKey(resolved.seed), model, (), tx, streams=8)
-  batch = jax.tree.map(
-    lambda x: x.reshape(-1, *x.shape[2:]), next(iter(train.train_batches(resolved, 0)))
+  initial = train.create_train_state(
+    jax.random.PRNGKey(resolved.seed),
+    model,
+    task.init_inputs(model),
+    tx,
+    carry=task.initial_carry(model),
   )
+  batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), next(iter(task.train_batches(0))))
   grads = jax.grad(
     lambda p: language_model.window_loss(
       model,
@@ -192,7 +166,7 @@ def test_weight_decay_is_added_to_the_clipped_gradient(tmp_path):
 
 def test_compare_reports_perplexities(tmp_path):
   results = compare.compare(
-    _tiny(num_epochs=1, steps_per_epoch=2), str(tmp_path), ['coolmomentum', 'sgd']
+    tiny_language_model(num_epochs=1, steps_per_epoch=2), str(tmp_path), ['coolmomentum', 'sgd']
   )
   assert set(results) == {'coolmomentum', 'sgd'}
   for result in results.values():

@@ -19,18 +19,22 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Model and data.
-  config.model = 'cnn'  # 'cnn', 'resnet20' or 'efficientnet_b0'.
-  config.dataset = 'digits'  # 'digits', 'cifar10', 'imagenet2012' or 'synthetic'.
+  # The model decides the task (examples/tasks.py): 'cnn', 'resnet20' or 'efficientnet_b0'
+  # classify images; 'awd_lstm' is a language model.
+  config.model = 'cnn'
+  # Images: 'digits', 'cifar10', 'imagenet2012' or 'synthetic'; text (for 'awd_lstm'):
+  # 'python_docs' or 'ptb'.
+  config.dataset = 'digits'
   # TFDS data_dir (the PTB files' directory for 'ptb'); None: TFDS' default.
   config.data_dir = ml_collections.config_dict.placeholder(str)
   # Keep the splits in memory across epochs; None: the dataset's default (all but ImageNet).
   config.cache = ml_collections.config_dict.placeholder(bool)
   config.num_classes = 10
   config.image_size = 8
-  config.num_channels = 1  # Synthetic data only.
+  config.num_channels = 1  # Synthetic images only.
   config.synthetic_train_size = 1024  # Synthetic data only: examples in the train split.
   config.synthetic_test_size = 256  # Synthetic data only: examples in the test split.
-  config.label_smoothing = 0.0
+  config.label_smoothing = 0.0  # In [0, 1); image classification only.
 
   # Length of a run. steps_per_epoch / steps_per_eval = -1: derived from the dataset.
   config.batch_size = 32  # Global, over all processes and devices.
@@ -64,10 +68,12 @@ def get_config() -> ml_collections.ConfigDict:
   # RMSProp: mean-square decay and the epsilon added inside the square root.
   config.rmsprop_decay = 0.9
   config.rmsprop_eps = 1e-3
-  # weight_decay * sum(w**2) / 2 over every parameter but BatchNorm's, in the loss (the
-  # EfficientNet reference's; its gradient is the coupled decay weight_decay * w).
+  # weight_decay * sum(w**2) / 2 over every parameter but the normalisation layers' (the
+  # modules holding a 'scale'), in the loss (the EfficientNet reference's; its gradient
+  # is the coupled decay weight_decay * w).
   config.weight_decay = 0.0
-  # Keras-style l2_regularization * sum(w**2) of every convolution kernel, in the loss.
+  # Keras-style l2_regularization * sum(w**2) of every convolution kernel (every parameter
+  # of rank 3 or more), in the loss.
   config.l2_regularization = 0.0
   # Clip the gradient's global norm to this before the optimizer; 0: no clipping.
   config.gradient_clip = 0.0
@@ -114,16 +120,17 @@ def get_config() -> ml_collections.ConfigDict:
   # of this decay (TensorFlow's, with num_updates); 0: with the weights themselves.
   config.ema_decay = 0.0
   # Also log the loss over the whole training set in inference mode at every epoch's
-  # end (eval_train_loss, eval_train_accuracy), as the paper's Fig. 1.
+  # end (eval_train_loss, eval_train_accuracy), as the paper's Fig. 1: True or False;
+  # image classification only.
   config.eval_train = False
 
   # Execution.
-  config.half_precision = False  # bfloat16 computation; parameters stay float32.
+  config.half_precision = False  # True: bfloat16 computation; parameters stay float32.
   config.parallelism = 'jit'  # 'jit' (a sharded jit over a 1-D mesh) or 'pmap'.
   config.checkpoint_max_to_keep = 3
   # Also checkpoint every this many steps of the run inside epochs (0: at epoch ends only).
   config.checkpoint_every_steps = 0
-  config.progress_bar = True
+  config.progress_bar = True  # True: a bar per epoch on a terminal (process 0); False: none.
   # TensorBoard points every this many steps of the run (0: at epoch ends only).
   config.log_every_steps = 100
   return config
