@@ -20,6 +20,7 @@ import optax
 
 from coolopt import _checks, schedules
 from coolopt.coolmomentum import CoolMomentumState, scale_by_coolmomentum
+from coolopt.diagnostics import mean_squared_update
 
 __all__ = ['ThermostatState', 'scale_by_thermostat', 'thermostat_state']
 
@@ -74,13 +75,6 @@ def _as_float(x: chex.Numeric) -> chex.Array:
 def _log_friction(rho: chex.Array) -> chex.Array:
   """:math:`\\log r` for :math:`r = (1 - \\rho)/(1 + \\rho)`, paper Eq. 15."""
   return jnp.log1p(-rho) - jnp.log1p(rho)
-
-
-def _mean_square(updates: optax.Updates) -> chex.Array:
-  leaves = jax.tree.leaves(updates)
-  size = sum(leaf.size for leaf in leaves)
-  total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
-  return jnp.asarray(total, jnp.float32) / max(size, 1)
 
 
 def scale_by_thermostat(
@@ -230,7 +224,7 @@ def scale_by_thermostat(
     inner = scale_by_coolmomentum(learning_rate, rho, accumulator_dtype)
     updates, inner_state = inner.update(updates, state.coolmomentum, params, **extra_args)
 
-    measured = _mean_square(updates)
+    measured = mean_squared_update(updates)
     if axis_name is not None:
       measured = jax.lax.pmean(measured, axis_name)
     # Behind a barrier, a concrete and a traced `smoothing` (`inject_hyperparams`)
