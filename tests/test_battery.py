@@ -244,11 +244,11 @@ def test_unknown_extra_args_accepted_and_no_recompile(name):
 # optax.tree.map_params and inject_hyperparams.
 
 
-def map_params(opt, fn, state):
+def map_params(opt, fn, state, *rest):
   """`optax.tree.map_params`, or `optax.tree_utils.tree_map_params` before optax 0.2.5."""
   tree = getattr(optax, 'tree', None)
   mapper = getattr(tree, 'map_params', None) or optax.tree_utils.tree_map_params
-  return mapper(opt, fn, state)
+  return mapper(opt, fn, state, *rest)
 
 
 @pytest.mark.parametrize('name', ALL)
