@@ -7,3 +7,29 @@ os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest
+
+# The tests of coolopt itself. They import neither flax nor examples, and .ci/run runs
+# them (`-m library`) also against the minimum versions that pyproject.toml declares.
+LIBRARY_TESTS = {
+  'test_battery.py',
+  'test_coolmomentum.py',
+  'test_kinetic_temperature.py',
+  'test_metropolis.py',
+  'test_metropolis_clock.py',
+  'test_metropolis_parallel.py',
+  'test_parallel.py',
+  'test_random_walk.py',
+  'test_range_test.py',
+  'test_schedules.py',
+  'test_sharding.py',
+  'test_structure.py',
+  'test_thermostat.py',
+}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.path.name in LIBRARY_TESTS:
+      item.add_marker(pytest.mark.library)

@@ -20,8 +20,6 @@ import pytest
 
 import coolopt
 
-pytestmark = pytest.mark.library
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:

@@ -21,8 +21,6 @@ from jax.sharding import PartitionSpec as P
 
 from tests.test_battery import CASES, loss, map_params, update
 
-pytestmark = pytest.mark.library
-
 EXPLICIT_AXES = hasattr(jax.sharding, 'AxisType') and hasattr(jax, 'set_mesh')
 # Explicit mesh axes where this JAX has them; sharding by NamedSharding alone always.
 MODES = ['named', 'explicit'] if EXPLICIT_AXES else ['named']

@@ -7,11 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import coolopt
-
-pytestmark = pytest.mark.library
 
 PACKAGE = pathlib.Path(coolopt.__file__).parent
 
@@ -94,3 +91,23 @@ def test_thermostat_measures_the_temperature_that_kinetic_temperature_reports():
   assert measured == coolopt.kinetic_temperature(state)
   returned = np.concatenate([np.asarray(u, np.float64).ravel() for u in jax.tree.leaves(updates)])
   np.testing.assert_allclose(measured, np.mean(returned**2), rtol=1e-6)
+
+
+def test_library_tests_import_neither_flax_nor_examples():
+  from tests.conftest import LIBRARY_TESTS
+
+  tests = pathlib.Path(__file__).parent
+  for name in sorted(LIBRARY_TESTS):
+    assert (tests / name).exists(), name
+    for node in ast.walk(ast.parse((tests / name).read_text())):
+      if isinstance(node, ast.Import):
+        modules = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        modules = [node.module or '']
+      else:
+        continue
+      for module in modules:
+        top = module.split('.')[0]
+        assert top not in {'flax', 'examples', 'tensorflow', 'tensorflow_datasets'}, (name, module)
+        if top == 'tests' and module != 'tests.conftest':  # Helpers: library tests too.
+          assert f'{module.split(".")[1]}.py' in LIBRARY_TESTS, (name, module)
