@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.path.name in LIBRARY_TESTS:
       item.add_marker(pytest.mark.library)
+
+
+def pytest_ignore_collect(collection_path, config):
+  """With `-m library`, the other test modules are not even imported: an environment
+  with only coolopt's own dependencies (the minimum versions of .ci/run) lacks theirs."""
+  if config.getoption('markexpr') != 'library':
+    return None
+  if collection_path.suffix == '.py' and collection_path.name.startswith('test_'):
+    return True if collection_path.name not in LIBRARY_TESTS else None
+  return None
