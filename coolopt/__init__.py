@@ -14,7 +14,8 @@
   range test.
 """
 
-from coolopt.coolmomentum import CoolMomentumState, coolmomentum, scale_by_coolmomentum
+from coolopt.alias import coolmomentum, sgd_sa
+from coolopt.coolmomentum import CoolMomentumState, scale_by_coolmomentum
 from coolopt.diagnostics import (
   KineticTemperatureState,
   kinetic_temperature,
@@ -25,7 +26,6 @@ from coolopt.metropolis import (
   MetropolisState,
   acceptance_rate,
   metropolis,
-  sgd_sa,
 )
 from coolopt.random_walk import RandomWalkState, random_walk
 from coolopt.range_test import (

@@ -85,23 +85,30 @@ def track_kinetic_temperature(every: chex.Numeric = 1) -> optax.GradientTransfor
     del params
     return KineticTemperatureState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
 
-  def mean_square(updates: optax.Updates) -> chex.Array:
-    leaves = jax.tree.leaves(updates)
-    size = sum(leaf.size for leaf in leaves)
-    sum_of_squares = sum(jnp.sum(jnp.square(_as_stored_float32(leaf))) for leaf in leaves)
-    return jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
-
   def update_fn(updates, state, params=None):
     del params
     if always:
-      temperature = mean_square(updates)
+      temperature = mean_squared_update(updates)
     else:
       temperature = jax.lax.cond(
-        state.count % every == 0, mean_square, lambda _: state.kinetic_temperature, updates
+        state.count % every == 0, mean_squared_update, lambda _: state.kinetic_temperature, updates
       )
     return updates, KineticTemperatureState(optax.safe_increment(state.count), temperature)
 
   return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
+
+
+def mean_squared_update(updates: optax.Updates) -> chex.Array:
+  """Paper Eq. 22 for one step: the mean over all parameters of the squared update.
+
+  In float32, each update read as the value of its own dtype (see
+  :func:`_as_stored_float32`). :func:`track_kinetic_temperature` records it, and
+  :func:`coolopt.scale_by_thermostat` steers on it: both measure the same temperature.
+  """
+  leaves = jax.tree.leaves(updates)
+  size = sum(leaf.size for leaf in leaves)
+  sum_of_squares = sum(jnp.sum(jnp.square(_as_stored_float32(leaf))) for leaf in leaves)
+  return jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
 
 
 def _as_stored_float32(update: chex.Array) -> chex.Array:

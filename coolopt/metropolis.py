@@ -2,7 +2,6 @@ r"""Metropolis acceptance around any optimizer, and SGD-SA."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -16,7 +15,7 @@ from coolopt import _checks
 from coolopt.coolmomentum import CoolMomentumState
 from coolopt.diagnostics import KineticTemperatureState
 
-__all__ = ['SGD_SA_LEARNING_RATES', 'MetropolisState', 'acceptance_rate', 'metropolis', 'sgd_sa']
+__all__ = ['SGD_SA_LEARNING_RATES', 'MetropolisState', 'acceptance_rate', 'metropolis']
 
 #: SGD-SA's learning-rate set H (Fischetti & Stringher): the rates from which
 #: :func:`sgd_sa` draws one at every step, its default.
@@ -71,26 +70,6 @@ def _roll_back(accepted: chex.Array, new: optax.OptState, old: optax.OptState) -
     return jnp.where(accepted, new_leaf, old_leaf)
 
   return jax.tree_util.tree_map_with_path(select, new, old)
-
-
-def _check_not_in_multi_steps() -> None:
-  """Refuses to run inside `optax.MultiSteps`, which calls its inner update at every
-  micro-step: the test would run, and cost a forward pass, k times per real step,
-  each time on one micro-batch."""
-  frame = sys._getframe(2)
-  while frame is not None:
-    if frame.f_code.co_name in ('update', '_do_update') and isinstance(
-      frame.f_locals.get('self'), optax.MultiSteps
-    ):
-      raise ValueError(
-        'coolopt.metropolis cannot run inside optax.MultiSteps: MultiSteps calls it at '
-        'every micro-step, so the Metropolis test would take a decision, and evaluate '
-        'value_fn, k times per optimizer step, each on one micro-batch. Accumulate the '
-        'gradient and the loss over the micro-batches in the train step instead (for '
-        'example with jax.lax.scan), and call the optimizer once per step with a value_fn '
-        'that evaluates the candidate on all of them.'
-      )
-    frame = frame.f_back
 
 
 def _as_scalar_loss(name: str, value: Any) -> chex.Array:
@@ -170,9 +149,21 @@ def metropolis(
   :func:`coolopt.track_kinetic_temperature` may follow; `optax.scale`,
   `optax.contrib.reduce_on_plateau` or a clipping step belong inside ``inner``).
   Weight decay added after the test would move the parameters by a step that was
-  never tested. Inside `optax.MultiSteps`, which calls its inner update at every
-  micro-step, ``metropolis`` raises a ValueError; accumulate the micro-batches in
-  the train step instead.
+  never tested.
+
+  **Not inside** `optax.MultiSteps`. MultiSteps calls its inner update at every
+  micro-step: the test would evaluate ``value_fn`` and take a decision once per
+  micro-batch, on that micro-batch alone, and keep only the last one. ``metropolis``
+  cannot see that it is wrapped (nothing public in optax says so), so this rule is
+  the user's to keep: accumulate the gradient and the loss over the micro-batches in
+  the train step, and call the optimizer once per step with a ``value_fn`` that
+  evaluates the candidate on all of them::
+
+    def mean_loss(p):  # the loss over the k micro-batches, one at a time
+      return jnp.mean(jax.lax.map(lambda batch: loss_fn(p, *batch), micro_batches))
+
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss, value_fn=mean_loss)
 
   ``metropolis(coolopt.coolmomentum(...), T)`` is annealed Langevin dynamics with a
   Metropolis correction: each CoolMomentum step is a proposal, accepted by the
@@ -214,8 +205,8 @@ def metropolis(
 
   Raises:
     ValueError: at trace time, if ``params`` is None, ``value`` or the result of
-      ``value_fn`` is not a scalar, multipliers meet an inner optimizer that records
-      its own output, or the update runs inside `optax.MultiSteps`.
+      ``value_fn`` is not a scalar, or multipliers meet an inner optimizer that
+      records its own output.
 
   References:
     Fischetti & Stringher, `Embedded hyper-parameter tuning by Simulated Annealing
@@ -269,7 +260,6 @@ def metropolis(
   ) -> tuple[optax.Updates, MetropolisState]:
     if params is None:
       raise ValueError('metropolis needs params to evaluate the candidate; got params=None.')
-    _check_not_in_multi_steps()
     current = _as_scalar_loss('value', value)
     typed_key = jax.random.wrap_key_data(state.key, impl=key_impl)
     key, multiplier_key, accept_key = jax.random.split(typed_key, 3)
@@ -317,67 +307,6 @@ def metropolis(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def sgd_sa(
-  learning_rates: Sequence[float] = SGD_SA_LEARNING_RATES,
-  initial_temperature: float = 1.0,
-  cooling_factor: float = 0.8,
-  steps_per_epoch: int | None = None,
-  key: int | chex.PRNGKey = 0,
-  *,
-  axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""SGD-SA (Fischetti & Stringher, Algorithm 2): SGD with a random learning rate,
-  accepted by the Metropolis criterion, cooled once per epoch.
-
-  Each step draws a learning rate :math:`\eta` uniformly from ``learning_rates``,
-  proposes :math:`w - \eta \nabla L(w)`, and accepts it with probability
-  :math:`\min(1, e^{-\delta/T})` where :math:`\delta` is the loss change on the same
-  minibatch; :math:`T` starts at ``initial_temperature`` and is multiplied by
-  ``cooling_factor`` at the end of every epoch:
-  :math:`T_n = T_0\,\alpha^{\lfloor n / N \rfloor}`.
-
-  Examples:
-    >>> import coolopt
-    >>> opt = coolopt.sgd_sa(steps_per_epoch=390, key=0)
-
-  Args:
-    learning_rates: the set :math:`H` of learning rates.
-    initial_temperature: :math:`T_0 > 0`.
-    cooling_factor: :math:`\alpha \in (0, 1]`, applied once per epoch.
-    steps_per_epoch: :math:`N`, the number of minibatches per epoch.
-    key: an int seed or a `jax.random` key.
-    axis_name: the mapped axis over which losses are averaged, if any (see
-      :func:`metropolis`).
-
-  Returns:
-    A :func:`metropolis` around `optax.sgd` with learning rate 1.
-
-  References:
-    Fischetti & Stringher, `Embedded hyper-parameter tuning by Simulated Annealing
-    <https://arxiv.org/abs/1906.01504>`_, 2019.
-  """
-  if steps_per_epoch is None:
-    raise ValueError('sgd_sa needs steps_per_epoch, the number of minibatches in an epoch.')
-  _checks.check_range(
-    'steps_per_epoch', steps_per_epoch, lower=0.0, lower_inclusive=False, upper=None
-  )
-  _checks.check_range('initial_temperature', initial_temperature, lower=0.0, lower_inclusive=False)
-  _checks.check_range(
-    'cooling_factor',
-    cooling_factor,
-    lower=0.0,
-    lower_inclusive=False,
-    upper_inclusive=True,
-    upper=1.0,
-  )
-  temperature = optax.exponential_decay(
-    initial_temperature, steps_per_epoch, cooling_factor, staircase=True
-  )
-  return metropolis(
-    optax.sgd(1.0), temperature, multipliers=learning_rates, key=key, axis_name=axis_name
-  )
 
 
 def acceptance_rate(opt_state: Any) -> chex.Array:

@@ -107,7 +107,7 @@ def random_walk(
 
     def move(leaf: chex.Array, leaf_key: chex.PRNGKey) -> chex.Array:
       dtype = jnp.promote_types(leaf.dtype, jnp.float32)
-      noise = jax.random.normal(leaf_key, leaf.shape, dtype)
+      noise = jax.random.normal(leaf_key, leaf.shape, dtype, **_sharded_like(leaf))
       return (jnp.asarray(step_scale, dtype) * noise).astype(leaf.dtype)
 
     moves = [move(leaf, leaf_key) for leaf, leaf_key in zip(leaves, leaf_keys, strict=True)]
@@ -116,3 +116,20 @@ def random_walk(
     )
 
   return optax.with_extra_args_support(optax.GradientTransformation(init_fn, update_fn))
+
+
+def _sharded_like(leaf: chex.Array) -> dict:
+  """`out_sharding` for a draw shaped like `leaf`, under explicit mesh axes.
+
+  With explicit axes (`jax.sharding.AxisType.Explicit`) a draw without
+  `out_sharding` is replicated: every device would draw the whole array. Elsewhere
+  (no mesh, automatic axes, JAX before explicit axes) the compiler places it.
+  """
+  axis_types = getattr(jax.sharding, 'AxisType', None)
+  if axis_types is None or not hasattr(jax, 'typeof'):
+    return {}
+  sharding = getattr(jax.typeof(leaf), 'sharding', None)
+  mesh_axis_types = getattr(getattr(sharding, 'mesh', None), 'axis_types', ())
+  if axis_types.Explicit not in mesh_axis_types:
+    return {}
+  return {'out_sharding': sharding}

@@ -24,7 +24,7 @@ from coolopt import _checks
 __all__ = ['exponential_cooling', 'friction_cooling', 'linear_cooling']
 
 
-def _as_float(x: chex.Numeric) -> chex.Array:
+def _as_default_float(x: chex.Numeric) -> chex.Array:
   """`x` as the default float dtype: float32, or float64 under x64."""
   return jnp.asarray(x, dtype=jnp.result_type(float))
 
@@ -46,8 +46,8 @@ def _cooling_schedule(
   _checks.check_range('warmup_steps', warmup_steps, lower=0.0, upper=None)
 
   def schedule(count: chex.Numeric) -> chex.Array:
-    n = _as_float(count)
-    rho0 = _as_float(rho_0)
+    n = _as_default_float(count)
+    rho0 = _as_default_float(rho_0)
     if total_steps is None:
       rho = jnp.full_like(n, rho0)
     else:
@@ -55,11 +55,11 @@ def _cooling_schedule(
       # this product, so a concrete and a traced S (`inject_hyperparams`) agree
       # bitwise. t is held at exactly 1 from S on: rho_S == 0 whatever the rounding,
       # and c**(1 - t) of the friction schedule cannot overflow to NaN later.
-      total = _as_float(total_steps)
+      total = _as_default_float(total_steps)
       t = jnp.where(n >= total, 1.0, n * (1.0 / total))
       rho = jnp.maximum(0.0, rho_of_step(t, rho0))
     # Warm-up zeroes rho before W and leaves the schedule unshifted after it.
-    return jnp.where(n < _as_float(warmup_steps), jnp.zeros_like(rho), rho)
+    return jnp.where(n < _as_default_float(warmup_steps), jnp.zeros_like(rho), rho)
 
   return schedule
 

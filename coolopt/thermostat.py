@@ -22,6 +22,7 @@ import optax
 
 from coolopt import _checks, schedules
 from coolopt.coolmomentum import CoolMomentumState, scale_by_coolmomentum
+from coolopt.diagnostics import mean_squared_update
 
 __all__ = ['ThermostatState', 'scale_by_thermostat', 'thermostat_state']
 
@@ -77,20 +78,13 @@ class ThermostatState(NamedTuple):
   coolmomentum: CoolMomentumState
 
 
-def _as_float(x: chex.Numeric) -> chex.Array:
+def _as_float32(x: chex.Numeric) -> chex.Array:
   return jnp.asarray(x, dtype=jnp.float32)
 
 
 def _log_friction(rho: chex.Array) -> chex.Array:
   """:math:`\\log r` for :math:`r = (1 - \\rho)/(1 + \\rho)`, paper Eq. 15."""
   return jnp.log1p(-rho) - jnp.log1p(rho)
-
-
-def _mean_square(updates: optax.Updates) -> chex.Array:
-  leaves = jax.tree.leaves(updates)
-  size = sum(leaf.size for leaf in leaves)
-  total = sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves)
-  return jnp.asarray(total, jnp.float32) / max(size, 1)
 
 
 def scale_by_thermostat(
@@ -240,14 +234,14 @@ def scale_by_thermostat(
 
   def window_length() -> chex.Array:
     if hot_steps is not None:
-      return _as_float(hot_steps)
+      return _as_float32(hot_steps)
     if total_steps is None:
-      return jnp.ceil(1.0 / (1.0 - _as_float(rho_0)))
-    return jnp.ceil(DEFAULT_HOT_FRACTION * _as_float(total_steps))
+      return jnp.ceil(1.0 / (1.0 - _as_float32(rho_0)))
+    return jnp.ceil(DEFAULT_HOT_FRACTION * _as_float32(total_steps))
 
   def init_fn(params: optax.Params) -> ThermostatState:
     zero = jnp.zeros([], jnp.float32)
-    rho0 = _as_float(rho_0)
+    rho0 = _as_float32(rho_0)
     return ThermostatState(
       count=jnp.zeros([], jnp.int32),
       log_friction=zero,
@@ -265,17 +259,17 @@ def scale_by_thermostat(
         'params must be given to the thermostat, got params=None: its safety bound is '
         'relative to the parameters.'
       )
-    n = _as_float(state.count)
-    rho0 = _as_float(rho_0)
+    n = _as_float32(state.count)
+    rho0 = _as_float32(rho_0)
     measuring = n < window_length()
-    cooled = jnp.zeros([], bool) if total_steps is None else n >= _as_float(total_steps)
+    cooled = jnp.zeros([], bool) if total_steps is None else n >= _as_float32(total_steps)
     friction_rho = (1.0 - jnp.exp(state.log_friction)) / (1.0 + jnp.exp(state.log_friction))
     # At the lower clip of the friction rho is rho_0 exactly, not its rounded image.
     at_rho0 = state.log_friction <= _log_friction(rho0)
     rho = jnp.where(at_rho0, rho0, jnp.clip(friction_rho, 0.0, rho0))
     rho = jnp.where(cooled, 0.0, rho)
 
-    eta = _as_float(learning_rate(state.count) if callable(learning_rate) else learning_rate)
+    eta = _as_float32(learning_rate(state.count) if callable(learning_rate) else learning_rate)
     multiplier = extra_args.get('learning_rate_multiplier', 1.0)
     gradients = updates  # g_n, before the update replaces them by the displacement
     inner = scale_by_coolmomentum(learning_rate, rho, accumulator_dtype)
@@ -285,18 +279,18 @@ def scale_by_thermostat(
     # compile to the same arithmetic: XLA would otherwise fold the concrete ones.
     eta, beta, max_step_, hot_factor = jax.lax.optimization_barrier(
       (
-        eta * _as_float(multiplier),
-        _as_float(smoothing),
-        _as_float(max_step),
+        eta * _as_float32(multiplier),
+        _as_float32(smoothing),
+        _as_float32(max_step),
         jnp.exp(-_log_friction(rho0)),
       )
     )
-    measured = _mean_square(updates)
+    measured = mean_squared_update(updates)
     # The overdamped temperature: that of plain SGD at rate eta/2 with these gradients.
     # Of the steps themselves, not (eta/2)^2 times <g^2>: a concrete and a traced eta
     # round alike that way.
-    overdamped = _mean_square(jax.tree.map(lambda g: eta / 2.0 * g, gradients))
-    bound = jnp.square(max_step_) * _mean_square(params)
+    overdamped = mean_squared_update(jax.tree.map(lambda g: eta / 2.0 * g, gradients))
+    bound = jnp.square(max_step_) * mean_squared_update(params)
     if axis_name is not None:
       measured, overdamped, bound = jax.lax.pmean((measured, overdamped, bound), axis_name)
     # The averages start at the first non-zero measurement rather than at 0.
@@ -321,7 +315,7 @@ def scale_by_thermostat(
     feed_forward = _log_friction(clock(state.count + 1)) - _log_friction(clock(state.count))
     # The temperature relaxes at a rate of about 1 - rho**2 per step: a gain scaled by
     # it corrects as fast at every rho, without overshoot when rho is near 1.
-    correction = _as_float(gain) * (1.0 - jnp.square(rho)) * error
+    correction = _as_float32(gain) * (1.0 - jnp.square(rho)) * error
     # More than twice the target: the excess raises the friction at once, by the
     # Langevin relation T ~ 1/r, whatever rho.
     emergency = jnp.maximum(error - jnp.log(2.0), 0.0)

@@ -157,8 +157,9 @@ def test_temperature_under_jit_equals_eager():
   state = opt.init(params)
   _, eager_state = opt.update(gradients_at(params, 0), state, params)
   _, jitted_state = jax.jit(opt.update)(gradients_at(params, 0), state, params)
+  # The same sums in another order: float32 rounding apart, whatever the XLA version.
   np.testing.assert_allclose(
-    coolopt.kinetic_temperature(jitted_state), coolopt.kinetic_temperature(eager_state), rtol=1e-6
+    coolopt.kinetic_temperature(jitted_state), coolopt.kinetic_temperature(eager_state), rtol=1e-5
   )
 
 

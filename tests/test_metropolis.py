@@ -247,20 +247,6 @@ def test_inside_chain_after_clipping():
   assert 0.0 < float(coolopt.acceptance_rate(jax.tree.map(lambda x: x[-1], state))) <= 1.0
 
 
-def test_converges_on_parabola_and_rosenbrock():
-  params, _ = _trajectory(coolopt.metropolis(optax.sgd(0.1), 1e-4), jnp.array([4.0, -3.0]), 200)
-  np.testing.assert_allclose(params[-1], [1.0, 1.0], atol=1e-4)
-
-  def rosenbrock(p):
-    return (1.0 - p[0]) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
-
-  # SGD-SA's idea: large multipliers are tried and refused where they overshoot.
-  opt = coolopt.metropolis(optax.sgd(1e-3), 1e-5, multipliers=(8.0, 4.0, 2.0, 1.0, 0.5))
-  params, state = _trajectory(opt, jnp.array([-1.0, 1.5]), 5000, rosenbrock)
-  np.testing.assert_allclose(params[-1], [1.0, 1.0], atol=1e-2)
-  assert 0 < int(state.num_accepted[-1]) < 5000
-
-
 INJECT_KWARGS = dict(inner=optax.sgd(0.1, momentum=0.5), temperature=0.01, multipliers=(0.5, 4.0))
 
 
@@ -319,56 +305,6 @@ def test_temperature_schedule_evaluated_at_proposal_count():
   np.testing.assert_array_equal(state.count, np.arange(1, 6))
 
 
-def test_jit_does_not_recompile_and_state_is_stable():
-  opt = coolopt.metropolis(optax.sgd(0.1, momentum=0.9), 0.5, multipliers=(0.5, 1.0))
-  params = {'w': jnp.ones((2, 3)), 'b': jnp.zeros(3)}
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def step(params, state):
-    value, grads = jax.value_and_grad(_quadratic)(params)
-    updates, state = opt.update(grads, state, params, value=value, value_fn=_quadratic)
-    return optax.apply_updates(params, updates), state
-
-  state = opt.init(params)
-  for _ in range(3):
-    params, state = step(params, state)
-
-  # The state's shapes and dtypes do not change in an update: lax.cond needs that.
-  init_shapes = jax.eval_shape(opt.init, params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(init_shapes, jax.eval_shape(step, params, state)[1])
-  grads = jax.grad(_quadratic)(params)
-  maybe_update = jax.jit(
-    lambda pred, state: jax.lax.cond(
-      pred,
-      lambda s: opt.update(grads, s, params, value=_quadratic(params), value_fn=_quadratic)[1],
-      lambda s: s,
-      state,
-    )
-  )
-  chex.assert_trees_all_equal_shapes_and_dtypes(maybe_update(True, state), state)
-  _assert_bitwise_equal(maybe_update(False, state), state)
-
-  # Init on shapes alone, as when a checkpoint is restored.
-  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-  chex.assert_trees_all_equal_shapes_and_dtypes(opt.init(abstract), init_shapes)
-
-
-def test_bfloat16_params_keep_their_dtype():
-  # Cooled to rho = 0 at proposal 20: a rejected move keeps the momentum of the last
-  # accepted one, which the cooling then damps on the proposal clock.
-  opt = coolopt.metropolis(coolopt.coolmomentum(0.2, 0.5, 20), 0.01, multipliers=(0.25, 0.5, 1.0))
-  params = {'w': jnp.array([4.0, -3.0], jnp.bfloat16)}
-  params_history, state = _trajectory(opt, params, 30)
-  assert params_history['w'].dtype == jnp.bfloat16
-  assert state.delta.dtype == state.temperature.dtype == jnp.float32
-  chex.assert_trees_all_equal_shapes_and_dtypes(
-    jax.tree.map(lambda x: x[-1], state), opt.init(params)
-  )
-  assert 0 < int(state.num_accepted[-1]) < 30
-  assert float(_quadratic(jax.tree.map(lambda p: p[-1], params_history))) < 0.01
-
-
 def test_extra_args_passed_to_value_fn_by_name():
   received = {}
 
@@ -391,24 +327,6 @@ def test_extra_args_passed_to_value_fn_by_name():
   np.testing.assert_allclose(state.delta, loss(params + updates, batch) - value, rtol=1e-6)
   opt.update(grads, state, params, value=0.0, value_fn=loss_with_kwargs, batch=batch, epoch=1)
   assert received['kwargs'] == ['batch', 'epoch']
-
-
-def test_refused_inside_multisteps():
-  # MultiSteps calls its inner update at every micro-step: the test would run k
-  # times per optimizer step, each on one micro-batch.
-  forward_passes = []
-
-  def value_fn(params):
-    forward_passes.append(1)
-    return _quadratic(params)
-
-  opt = optax.MultiSteps(coolopt.metropolis(optax.sgd(0.1), 1.0), 4)
-  params = jnp.array([4.0, -3.0])
-  state = opt.init(params)
-  value, grads = jax.value_and_grad(_quadratic)(params)
-  with pytest.raises(ValueError, match=r'inside optax\.MultiSteps.*Accumulate the gradient'):
-    jax.jit(lambda p, s: opt.update(grads, s, p, value=value, value_fn=value_fn))(params, state)
-  assert not forward_passes
 
 
 def test_missing_value_or_value_fn_is_a_type_error():

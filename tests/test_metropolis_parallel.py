@@ -16,6 +16,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import coolopt
+from tests.test_parallel import as_varying
 
 NUM_DEVICES = 8
 NUM_STEPS = 300
@@ -71,7 +72,7 @@ def _train(opt, grad_axis):
       # Under shard_map the gradient of a replicated (invariant) input is summed
       # over the axis implicitly; differentiating a varying copy keeps it local,
       # and the explicit pmean then means the same under pmap and shard_map.
-      local = jax.lax.pcast(params, grad_axis, to='varying')
+      local = as_varying(params, grad_axis)
     value, grads = jax.value_and_grad(_loss)(local, batch)
     if grad_axis is not None:
       grads = jax.lax.pmean(grads, grad_axis)

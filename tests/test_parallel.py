@@ -146,6 +146,13 @@ def test_coolmomentum_under_vmap_runs_independent_problems():
   assert len({float(t) for t in batched_temperatures[:, -1]}) == num_problems
 
 
+def as_varying(x, axis_name):
+  """`x` marked as varying over `axis_name` (`jax.lax.pcast`; `pvary` before it)."""
+  if hasattr(jax.lax, 'pcast'):
+    return jax.lax.pcast(x, axis_name, to='varying')
+  return jax.lax.pvary(x, axis_name)
+
+
 def data_parallel_step(opt, axis_name):
   """One step on a device's shard, with gradients averaged over `axis_name`."""
 
@@ -153,7 +160,7 @@ def data_parallel_step(opt, axis_name):
     # Under shard_map the gradient of a replicated (invariant) input is already
     # summed over the axis; a varying copy keeps it local, so the pmean means the
     # same under pmap and shard_map.
-    local_params = jax.lax.pcast(params, axis_name, to='varying')
+    local_params = as_varying(params, axis_name)
     gradients = jax.lax.pmean(jax.grad(loss)(local_params, batch), axis_name)
     return apply_gradients(opt, params, state, gradients)
 
