@@ -245,7 +245,7 @@ def coolmomentum(
       )
     momentum = COOLING_SCHEDULES[cooling](rho_0, total_steps, warmup_steps)
     langevin = scale_by_coolmomentum(learning_rate, momentum, accumulator_dtype)
-  decay = optax.add_decayed_weights(weight_decay, mask)
+  decay = _checks.add_decayed_weights(weight_decay, mask)
   # A concrete zero skips the extra pass over the parameters; a traced one (inside
   # `inject_hyperparams`) cannot be tested in Python and is applied. The decay's
   # state stays either way: `inject_hyperparams` may build the optimizer with a
