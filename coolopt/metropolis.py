@@ -331,7 +331,12 @@ def metropolis(
           'coolopt.metropolis(...) in the chain, not inside it.'
         )
       choices = jnp.asarray(multipliers, jnp.float32)
-      multiplier = choices[jax.random.randint(multiplier_key, [], 0, choices.shape[0])]
+      index = jax.random.randint(multiplier_key, [], 0, choices.shape[0])
+      # choices[index] as a sum over a one-hot mask (exact: the other terms are 0).
+      # XLA fuses a cheap scalar computation such as the indexing and the draw's
+      # arithmetic into every consumer, here every parameter leaf's update, but
+      # never a reduction: the sum computes the multiplier once.
+      multiplier = jnp.sum(jnp.where(jnp.arange(choices.shape[0]) == index, choices, 0.0))
       if lr_factor:
         inner_args['learning_rate_multiplier'] = multiplier
     proposal, inner_state = inner.update(updates, state.inner_state, params, **inner_args)
