@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import chex
+import jax.numpy as jnp
 import optax
 
 from coolopt import _checks, schedules
@@ -38,6 +39,7 @@ def coolmomentum(
   hot_steps: chex.Numeric | None = None,
   gain: chex.Numeric | None = None,
   smoothing: chex.Numeric | None = None,
+  max_step: chex.Numeric | None = None,
   axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""CoolMomentum: stochastic optimisation by Langevin dynamics with simulated annealing.
@@ -104,16 +106,17 @@ def coolmomentum(
       (momentum SGD in the Langevin parametrisation, with no annealing).
     cooling: ``'exponential'``, ``'linear'``, ``'friction'`` or ``'thermostat'``.
     warmup_steps: number of initial steps with :math:`\rho = 0`; must be 0 with
-      the thermostat, whose hot start needs :math:`\rho_0`.
+      the thermostat, which sets :math:`\rho` itself from the first step.
     weight_decay: coupled L2 weight decay :math:`\lambda \geq 0`.
     mask: where to apply weight decay, as in `optax.add_decayed_weights`.
     accumulator_dtype: dtype of the displacement; ``None`` keeps the parameters'.
     target_path: the shape of the thermostat's target path. This and the next
-      four apply with ``cooling='thermostat'`` only; ``None`` takes the default of
+      five apply with ``cooling='thermostat'`` only; ``None`` takes the default of
       :func:`coolopt.scale_by_thermostat`.
-    hot_steps: the number of steps of the thermostat's hot start.
+    hot_steps: the steps over which the thermostat measures :math:`T_0`.
     gain: the thermostat's gain.
-    smoothing: the decay of the thermostat's moving average of the temperature.
+    smoothing: the decay of the thermostat's moving averages of the temperatures.
+    max_step: the thermostat's bound on the rms step relative to the rms parameter.
     axis_name: the `pmap`/`shard_map` axis over which the thermostat averages
       the measured temperature.
 
@@ -137,6 +140,7 @@ def coolmomentum(
       ('hot_steps', hot_steps),
       ('gain', gain),
       ('smoothing', smoothing),
+      ('max_step', max_step),
       ('axis_name', axis_name),
     )
     if value is not None
@@ -158,7 +162,7 @@ def coolmomentum(
       )
     momentum = COOLING_SCHEDULES[cooling](rho_0, total_steps, warmup_steps)
     langevin = scale_by_coolmomentum(learning_rate, momentum, accumulator_dtype)
-  decay = optax.add_decayed_weights(weight_decay, mask)
+  decay = _checks.add_decayed_weights(weight_decay, mask)
   # A concrete zero skips the extra pass over the parameters; a traced one (inside
   # `inject_hyperparams`) cannot be tested in Python and is applied. The decay's
   # state stays either way: `inject_hyperparams` may build the optimizer with a
@@ -169,6 +173,23 @@ def coolmomentum(
       decay.init, lambda updates, state, params=None: (updates, state)
     )
   return optax.chain(decay, langevin)
+
+
+def _staircase_decay(
+  initial_value: chex.Numeric, steps_per_stair: chex.Numeric, factor: chex.Numeric
+) -> optax.Schedule:
+  """`initial_value * factor ** floor(n / steps_per_stair)`.
+
+  `optax.exponential_decay(..., staircase=True)` computes the same, but tests its
+  arguments with Python `if`s, which fail on the traced values that
+  `optax.inject_hyperparams` passes inside `jit`.
+  """
+
+  def schedule(count: chex.Numeric) -> chex.Array:
+    stairs = jnp.floor(jnp.asarray(count, jnp.float32) / steps_per_stair)
+    return initial_value * jnp.power(factor, stairs)
+
+  return schedule
 
 
 def sgd_sa(
@@ -224,9 +245,7 @@ def sgd_sa(
     upper_inclusive=True,
     upper=1.0,
   )
-  temperature = optax.exponential_decay(
-    initial_temperature, steps_per_epoch, cooling_factor, staircase=True
-  )
+  temperature = _staircase_decay(initial_temperature, steps_per_epoch, cooling_factor)
   return metropolis(
     optax.sgd(1.0), temperature, multipliers=learning_rates, key=key, axis_name=axis_name
   )

@@ -74,6 +74,7 @@ def track_kinetic_temperature(every: chex.Numeric = 1) -> optax.GradientTransfor
   References:
     Borysenko & Byshkin, Sci. Rep. 11, 10705 (2021), Eq. 22 and Fig. 1c.
   """
+  _checks.check_scalar('every', every, allow_schedule=False)
   _checks.check_range('every', every, lower=1.0, upper=None)
   if _checks.is_concrete_number(every) and float(every) != int(every):
     raise ValueError(f'every must be an integer >= 1, got every={every!r}.')

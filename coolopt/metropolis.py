@@ -35,7 +35,9 @@ class MetropolisState(NamedTuple):
     accepted: whether the last proposal was accepted (bool).
     num_accepted: number of accepted proposals (int32).
     delta: the loss change of the last proposal, candidate minus current (float32).
-    temperature: the temperature used for the last proposal (float32).
+    temperature: the value of the temperature schedule at the last proposal
+      (float32), as given: a non-positive or non-finite value acted as zero
+      temperature.
   """
 
   count: chex.Array
@@ -84,6 +86,48 @@ def _as_scalar_loss(name: str, value: Any) -> chex.Array:
   return value.astype(jnp.promote_types(value.dtype, jnp.float32))
 
 
+def _check_schedule_at_zero(name: str, schedule: Any) -> None:
+  """Refuses a schedule whose value at step 0 is known and is not a positive number.
+
+  A schedule whose value depends on traced hyperparameters (inside
+  `optax.inject_hyperparams` under `jit`) cannot be checked and is taken as it is.
+  """
+  if not callable(schedule):
+    return
+  value = schedule(jnp.zeros([], jnp.int32))
+  if isinstance(value, jax.core.Tracer):
+    return
+  if np.ndim(value) != 0:
+    raise ValueError(
+      f'{name} must be a schedule of scalar values, got {np.ndim(value)}-d values '
+      f'(shape {np.shape(value)}) at step 0.'
+    )
+  if not (np.isfinite(float(value)) and float(value) > 0):
+    raise ValueError(
+      f'{name} must be > 0: the schedule {schedule!r} gives {float(value)!r} at step 0.'
+    )
+
+
+def _check_multipliers(multipliers: Any) -> None:
+  """Refuses multipliers that are not a non-empty sequence of positive finite numbers."""
+  message = (
+    f'multipliers must be a non-empty sequence of positive numbers, got '
+    f'multipliers={multipliers!r}.'
+  )
+  if isinstance(multipliers, jax.core.Tracer):
+    if not jnp.issubdtype(multipliers.dtype, jnp.number):
+      raise ValueError(message)
+    return
+  if isinstance(multipliers, (int, float, str, bytes)) or np.ndim(multipliers) == 0:
+    raise ValueError(message)
+  try:
+    values = np.asarray(multipliers, dtype=np.float64).reshape(-1)
+  except (TypeError, ValueError):
+    raise ValueError(message) from None
+  if values.size == 0 or not np.all(values > 0) or not np.all(np.isfinite(values)):
+    raise ValueError(message)
+
+
 def metropolis(
   inner: optax.GradientTransformation,
   temperature: optax.ScalarOrSchedule,
@@ -104,6 +148,15 @@ def metropolis(
     p = \min\left(1, e^{-\delta / T_n}\right),
 
   so improving moves are always accepted and a non-finite :math:`L(x')` never is.
+
+  **Zero temperature.** Where :math:`T_n \leq 0` or :math:`T_n` is not finite
+  (a schedule that overshoots below zero, or overflows), the step is taken at zero
+  temperature, the limit :math:`T \to 0^+` of the formula: a move with
+  :math:`\delta \leq 0` is accepted (a move that leaves the loss unchanged
+  included, as at every :math:`T > 0`) and a move with :math:`\delta > 0` is
+  rejected. The state records the schedule's value as given. A concrete number
+  :math:`T \leq 0` is refused when the transformation is built, and so is a
+  schedule whose value at step 0 is known then and is not a positive number.
 
   **One clock.** A rejected move is rolled back: the update is zero and the inner
   optimizer's *trajectory* stays as it was (its floating-point state: CoolMomentum's
@@ -192,7 +245,9 @@ def metropolis(
 
   Args:
     inner: the optimizer whose steps are proposed.
-    temperature: :math:`T_n > 0`, a number or a schedule of the step count.
+    temperature: :math:`T_n > 0`, a number or a schedule of the step count; a
+      step at which the schedule is not positive and finite runs at zero
+      temperature.
     multipliers: the set :math:`H` of step multipliers, drawn uniformly; default
       ``(1.0,)``.
     key: an int seed, or a `jax.random` key of any implementation (``threefry2x32``,
@@ -204,9 +259,10 @@ def metropolis(
     arguments ``value`` and ``value_fn``.
 
   Raises:
-    ValueError: at trace time, if ``params`` is None, ``value`` or the result of
-      ``value_fn`` is not a scalar, or multipliers meet an inner optimizer that
-      records its own output.
+    ValueError: when built, if ``temperature``, a schedule's value at step 0,
+      ``multipliers`` or ``key`` is invalid; at trace time, if ``params`` is None,
+      ``value`` or the result of ``value_fn`` is not a scalar, or multipliers meet an
+      inner optimizer that records its own output.
 
   References:
     Fischetti & Stringher, `Embedded hyper-parameter tuning by Simulated Annealing
@@ -216,19 +272,9 @@ def metropolis(
     J. Chem. Phys. 21, 1087 (1953).
   """
   _checks.check_schedule_or_positive('temperature', temperature)
+  _check_schedule_at_zero('temperature', temperature)
   multipliers = (1.0,) if multipliers is None else multipliers
-  if isinstance(multipliers, (int, float)):
-    raise ValueError(
-      f'multipliers must be a non-empty sequence of positive numbers, got '
-      f'multipliers={multipliers!r}.'
-    )
-  if not isinstance(multipliers, jax.core.Tracer):
-    values = np.asarray(multipliers, dtype=np.float64).reshape(-1)
-    if values.size == 0 or not np.all(values > 0) or not np.all(np.isfinite(values)):
-      raise ValueError(
-        f'multipliers must be a non-empty sequence of positive numbers, got '
-        f'multipliers={multipliers!r}.'
-      )
+  _check_multipliers(multipliers)
   inner = optax.with_extra_args_support(inner)
   key_data, key_impl = _checks.key_data_and_impl(key)
   # The default (1.0,) needs no draw and leaves the update untouched.
@@ -274,7 +320,12 @@ def metropolis(
           'coolopt.metropolis(...) in the chain, not inside it.'
         )
       choices = jnp.asarray(multipliers, jnp.float32)
-      multiplier = choices[jax.random.randint(multiplier_key, [], 0, choices.shape[0])]
+      index = jax.random.randint(multiplier_key, [], 0, choices.shape[0])
+      # choices[index] as a sum over a one-hot mask (exact: the other terms are 0).
+      # XLA fuses a cheap scalar computation such as the indexing and the draw's
+      # arithmetic into every consumer, here every parameter leaf's update, but
+      # never a reduction: the sum computes the multiplier once.
+      multiplier = jnp.sum(jnp.where(jnp.arange(choices.shape[0]) == index, choices, 0.0))
       if lr_factor:
         inner_args['learning_rate_multiplier'] = multiplier
     proposal, inner_state = inner.update(updates, state.inner_state, params, **inner_args)
@@ -288,10 +339,14 @@ def metropolis(
       current, candidate = jax.lax.pmean((current, candidate), axis_name)
     delta = candidate - current
     temp = temperature_at(state.count)
-    # u < exp(-delta / T) with u in [0, 1): every improving move passes; a NaN
-    # delta fails the comparison and a non-finite candidate is refused outright.
+    # A move with delta <= 0 passes at every temperature, zero included; at T > 0
+    # a worse one passes if u < exp(-delta / T), u in [0, 1). A T that is not
+    # positive and finite is zero temperature: only delta <= 0 passes. A NaN delta
+    # fails both comparisons, and a non-finite candidate is refused outright.
+    hot = (temp > 0) & jnp.isfinite(temp)
+    uniform = jax.random.uniform(accept_key, dtype=jnp.float32)
     accepted = jnp.isfinite(candidate) & (
-      jax.random.uniform(accept_key, dtype=jnp.float32) < jnp.exp(-delta / temp)
+      (delta <= 0) | (hot & (uniform < jnp.exp(-delta / jnp.where(hot, temp, 1.0))))
     )
     updates = jax.tree.map(lambda u: jnp.where(accepted, u, jnp.zeros_like(u)), proposal)
     return updates, MetropolisState(

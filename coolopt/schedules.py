@@ -40,10 +40,27 @@ def _cooling_schedule(
   Without cooling (`total_steps=None`) rho stays `rho_0`; otherwise the value of
   `rho_of_step` is clipped at 0.
   """
+  _checks.check_scalar('rho_0', rho_0, allow_schedule=False)
   _checks.check_range('rho_0', rho_0, lower=0.0, upper=1.0)
   if total_steps is not None:
+    _checks.check_scalar('total_steps', total_steps, allow_schedule=False)
     _checks.check_range('total_steps', total_steps, lower=0.0, lower_inclusive=False, upper=None)
+  _checks.check_scalar('warmup_steps', warmup_steps, allow_schedule=False)
   _checks.check_range('warmup_steps', warmup_steps, lower=0.0, upper=None)
+  if (
+    total_steps is not None
+    and _checks.is_concrete_number(total_steps)
+    and _checks.is_concrete_number(warmup_steps)
+    and float(warmup_steps) > 0
+    and float(warmup_steps) >= float(total_steps)
+  ):
+    # rho would be 0 before W and the schedule reaches 0 at S <= W: no momentum at all.
+    raise ValueError(
+      f'warmup_steps must be less than total_steps, got warmup_steps={warmup_steps!r} and '
+      f'total_steps={total_steps!r}: rho is 0 during the warm-up and the cooling ends at '
+      'total_steps, so rho would be 0 for the whole run. Shorten the warm-up or lengthen '
+      'total_steps.'
+    )
 
   def schedule(count: chex.Numeric) -> chex.Array:
     n = _as_default_float(count)
