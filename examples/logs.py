@@ -112,5 +112,7 @@ def epoch_line(name: str, row: Mapping[str, Any], num_epochs: int, seconds: floa
   parts.append(f'kinetic temperature {_format(row["kinetic_temperature"], ".3g")}')
   if row.get('acceptance_rate') is not None:
     parts.append(f'acceptance {_format(row["acceptance_rate"], ".1%")}')
+  if row.get('skipped_steps'):
+    parts.append(f'{row["skipped_steps"]} steps skipped (non-finite)')
   parts.append(f'{seconds:.1f}s')
   return parts[0] + ' ' + ', '.join(parts[1:])

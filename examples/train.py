@@ -52,6 +52,7 @@ import coolopt
 from examples import (
   checkpoints,
   data_parallel,
+  divergence,
   input_pipeline,
   language_model,
   logs,
@@ -66,6 +67,7 @@ from examples.workdir import (
   METRICS_FILE,
   check_config,
   finite_or_none,
+  hold_lock,
   plot_curves,
   read_metrics,
   write_config,
@@ -792,6 +794,7 @@ def _scheduled(clock: Mapping[str, Any], schedules: optimizers.Schedules) -> dic
 # The run
 
 
+@hold_lock
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` for `config.num_epochs` epochs, resuming from `workdir` if it holds
   a checkpoint; evaluates and logs after every epoch.
@@ -812,6 +815,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Raises:
     ValueError: for an invalid config, or one that would change the trajectory of the
       run stored in `workdir`.
+    examples.workdir.WorkdirLockedError: if another run holds `workdir`.
+    examples.divergence.DivergedError: once `config.divergence_steps` steps in a row
+      were skipped as non-finite.
   """
   schema.validate_config(config)
   config = schema.resolve_config(config)
@@ -842,7 +848,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     streams=config.batch_size if language else 0,
   )
   host_state, position = checkpoints.restore_checkpoint(
-    manager, host_state, empty_step_metrics(config, steps_per_epoch)
+    manager, host_state, empty_step_metrics(config, steps_per_epoch), config
   )
   # Rows past the checkpoint belong to epochs that will be trained again.
   history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
@@ -865,7 +871,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   def save(host_state: TrainState, saved: checkpoints.Position) -> None:
     if is_writer and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
       write_config(workdir, config)
-    checkpoints.save_checkpoint(manager, host_state, saved)
+    checkpoints.save_checkpoint(manager, host_state, saved, config)
 
   def finish_epoch(epoch: int, host_state: TrainState, summary: dict[str, Any]) -> None:
     if language:
@@ -951,6 +957,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # per-step metrics, from which its row can be made again.
     save(host_state, checkpoints.Position(epoch + 1, 0, step_metrics, wall_time()))
     finish_epoch(epoch, host_state, summary)
+    divergence.check(config, history, step_metrics)
   manager.close()
   if is_writer:
     writer.close()
