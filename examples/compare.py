@@ -108,6 +108,11 @@ def compare(
   Returns:
     `{optimizer: {'final_train_loss', 'test_accuracy', 'best_test_accuracy', 'seconds'}}`.
   """
+  if not optimizers:
+    raise ValueError(
+      'optimizers must name at least one optimizer to train, got none (--optimizers=); '
+      f'e.g. --optimizers={",".join(DEFAULT_OPTIMIZERS)}.'
+    )
   configs = {name: optimizer_config(config, name) for name in optimizers}
   # Every configuration is checked before the first one spends time training.
   for name_config in configs.values():
@@ -131,8 +136,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   trainer_main.setup()
-  results = compare(FLAGS.config, FLAGS.workdir, FLAGS.optimizers)
-  print(markdown_table(results))
+  schema.prefer_given(FLAGS.config, trainer_main.given_fields(), FLAGS.optimizers)
+
+  def run():
+    print(markdown_table(compare(FLAGS.config, FLAGS.workdir, FLAGS.optimizers)))
+
+  trainer_main.exit_on_run_errors(run)
 
 
 if __name__ == '__main__':
