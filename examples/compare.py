@@ -92,6 +92,11 @@ def compare(
     `{optimizer: summarize(its rows)}`, e.g. `{'final_train_loss', 'test_accuracy',
     'best_test_accuracy', 'seconds'}` for an image classifier.
   """
+  if not optimizers:
+    raise ValueError(
+      'optimizers must name at least one optimizer to train, got none (--optimizers=); '
+      f'e.g. --optimizers={",".join(DEFAULT_OPTIMIZERS)}.'
+    )
   scores = tasks.create_task(config).scores
   configs = {name: optimizer_config(config, name) for name in optimizers}
   # Every configuration is checked before the first one spends time training.
@@ -116,8 +121,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   trainer_main.setup()
-  results = compare(FLAGS.config, FLAGS.workdir, FLAGS.optimizers)
-  print(markdown_table(results, tasks.create_task(FLAGS.config).scores))
+  schema.prefer_given(FLAGS.config, trainer_main.given_fields(), FLAGS.optimizers)
+
+  def run():
+    results = compare(FLAGS.config, FLAGS.workdir, FLAGS.optimizers)
+    print(markdown_table(results, tasks.create_task(FLAGS.config).scores))
+
+  trainer_main.exit_on_run_errors(run)
 
 
 if __name__ == '__main__':

@@ -132,5 +132,7 @@ def epoch_line(
   parts.append(f'kinetic temperature {_format(row["kinetic_temperature"], ".3g")}')
   if row.get('acceptance_rate') is not None:
     parts.append(f'acceptance {_format(row["acceptance_rate"], ".1%")}')
+  if row.get('skipped_steps'):
+    parts.append(f'{row["skipped_steps"]} steps skipped (non-finite)')
   parts.append(f'{seconds:.1f}s')
   return parts[0] + ' ' + ', '.join(parts[1:])

@@ -16,9 +16,14 @@ bias-corrected moving average and the test stops once it exceeds
 Writes <workdir>/lr_find.json (the learning rates, losses and smoothed losses of
 every step, the suggested learning rate and its rule) and <workdir>/lr_find.png (the
 smoothed loss against the learning rate, the suggestion marked), and prints the
-suggestion. Nothing is checkpointed: a training workdir's checkpoints stay as they
-are. Takes the multi-process and verbosity flags of examples.main (library logs from
-WARNING on unless `-v 0`), and sets up as it does (`examples.main.setup`).
+suggestion. A sweep that reads fewer steps than twice the moving average's length
+(1 / (1 - smoothing): 100 steps at 0.98), because it is short or diverged early, is too
+short for a reliable suggestion: the result carries a warning, which is printed. A
+sweep of fewer than 3 steps before its end or its divergence suggests nothing: an
+error says what happened and what to change. Nothing is checkpointed: a training
+workdir's checkpoints stay as they are. Takes the multi-process and verbosity flags of
+examples.main (library logs from WARNING on unless `-v 0`), and sets up as it does
+(`examples.main.setup`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from matplotlib.figure import Figure
 
 import coolopt
 from examples import main as trainer_main
-from examples import tasks, train
+from examples import schema, tasks, train
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +65,28 @@ def _train_batches(task: tasks.Task) -> Iterator[dict[str, np.ndarray]]:
   while True:
     yield from task.train_batches(epoch)
     epoch += 1
+
+
+# Steps a suggestion needs at least, whatever the smoothing.
+MIN_SUGGESTION_STEPS = 3
+
+
+def reliable_steps(smoothing: float) -> int:
+  """The steps a sweep must read for a reliable suggestion: twice the moving average's
+  length 1 / (1 - smoothing), and at least `MIN_SUGGESTION_STEPS`."""
+  return max(MIN_SUGGESTION_STEPS, 2 * round(1.0 / (1.0 - smoothing)))
+
+
+def _too_short(
+  kept: int, num_steps: int, diverged_at: int | None, learning_rates: list[float]
+) -> str:
+  """What happened to a sweep that read only `kept` steps."""
+  if diverged_at is None:
+    return f'The sweep ran all its {num_steps} steps (--num_steps={num_steps})'
+  return (
+    f'The loss diverged at step {diverged_at} of {num_steps}, at the learning rate '
+    f'{learning_rates[diverged_at]:.3g}, after {kept} steps'
+  )
 
 
 def _json_number(value: float) -> float | None:
@@ -113,11 +140,13 @@ def lr_find(
   Returns:
     What lr_find.json holds: 'learning_rates', 'losses', 'smoothed_losses' (one per
     step run; None for a non-finite loss), 'suggested_learning_rate', 'rule',
-    'diverged_at_step' (None if the sweep ended first), 'optimizer' and the arguments.
+    'diverged_at_step' (None if the sweep ended first), 'warning' (None, or why the
+    suggestion is uncertain: too few steps read), 'optimizer' and the arguments.
 
   Raises:
     ValueError: for a config that cannot train, for 'sgd_sa' (its rates are its
-      multipliers: there is no learning rate to find), or for bad arguments.
+      multipliers: there is no learning rate to find), for bad arguments, or for a
+      sweep that read fewer than 3 steps before it ended or diverged.
   """
   config, task = train.prepare(config)
   if config.optimizer == 'sgd_sa':
@@ -127,6 +156,11 @@ def lr_find(
     )
   if config.optimizer == 'metropolis_coolmomentum':
     config.optimizer = 'coolmomentum'
+  if not (isinstance(num_steps, int) and num_steps >= MIN_SUGGESTION_STEPS):
+    raise ValueError(
+      f'num_steps must be an integer >= {MIN_SUGGESTION_STEPS}, the fewest steps a '
+      f'suggestion reads, got num_steps={num_steps!r}.'
+    )
   schedule = coolopt.lr_range_schedule(lr_min, lr_max, num_steps)
   coolopt.smooth_losses([], smoothing)  # Checks the arguments before anything compiles.
   coolopt.divergence_step([], divergence_threshold)
@@ -147,6 +181,25 @@ def lr_find(
       diverged_at = step
       break
   kept = len(losses) if diverged_at is None else diverged_at
+  what = _too_short(kept, num_steps, diverged_at, learning_rates)
+  if kept < MIN_SUGGESTION_STEPS:
+    raise ValueError(
+      f'{what}: too few to suggest a learning rate (at least {MIN_SUGGESTION_STEPS}). Start '
+      f'the sweep lower than --lr_min={lr_min:g}.'
+    )
+  warning = None
+  if kept < reliable_steps(smoothing):
+    warning = (
+      f'{what}: fewer than the {reliable_steps(smoothing)} steps a reliable suggestion '
+      f'needs with --smoothing={smoothing:g} (twice the moving average of '
+      f'{round(1.0 / (1.0 - smoothing))} steps). The suggestion is uncertain: '
+      + (
+        f'run a longer sweep (--num_steps={max(300, reliable_steps(smoothing))}).'
+        if diverged_at is None
+        else f'start the sweep lower than --lr_min={lr_min:g}, or sweep more slowly.'
+      )
+    )
+    logging.warning('%s', warning)
   suggestion = coolopt.suggest_learning_rate(
     learning_rates[:kept],
     losses[:kept],
@@ -159,6 +212,7 @@ def lr_find(
     'rule': rule,
     'optimizer': config.optimizer,
     'diverged_at_step': diverged_at,
+    'warning': warning,
     'learning_rates': learning_rates,
     'losses': [_json_number(x) for x in losses],
     'smoothed_losses': [_json_number(float(x)) for x in smoothed],
@@ -186,6 +240,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   trainer_main.setup()
+  schema.prefer_given(FLAGS.config, trainer_main.given_fields(), (FLAGS.config.optimizer,))
   result = lr_find(
     FLAGS.config,
     FLAGS.workdir,
@@ -201,6 +256,8 @@ def main(argv: list[str]) -> None:
     f'({result["rule"]} rule, {len(result["losses"])} steps); '
     f'{os.path.join(FLAGS.workdir, RESULT_FILE)}, {os.path.join(FLAGS.workdir, PLOT_FILE)}'
   )
+  if result['warning']:
+    print(f'Warning: {result["warning"]}')
 
 
 if __name__ == '__main__':

@@ -10,7 +10,15 @@ Several processes (hosts, or processes on one machine talking over loopback):
     --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
 
 Without these flags JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...)
-sets them where it applies; otherwise the run is a single process.
+sets them where it applies; otherwise the run is a single process. Each process says
+whom it waits for while the others start, and gives up after
+`--initialization_timeout` seconds (300) with a message and exit status 1.
+
+A top-level field given on the command line is used for the optimizer trained, even
+where its recipe in `config.optimizers` sets another value (`--config.optimizer=adam
+--config.learning_rate=0.05` trains Adam at 0.05; see `examples.schema.prefer_given`).
+A run that diverges (`config.divergence_steps`) or meets a workdir held by another run
+exits with status 1 and a message.
 
 Output: on a terminal, a progress bar per epoch; one line per epoch (train loss, test
 accuracy or perplexity, rho, kinetic temperature, seconds) from process 0. The
@@ -21,13 +29,15 @@ files beside metrics.jsonl: `tensorboard --logdir WORKDIR`.
 """
 
 import os
-from collections.abc import MutableMapping
+import sys
+import threading
+from collections.abc import Callable, MutableMapping
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from examples import train
+from examples import divergence, schema, train, workdir
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +48,11 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-process run.')
 flags.DEFINE_integer('process_id', None, 'Index of this process, from 0.')
+flags.DEFINE_integer(
+  'initialization_timeout',
+  300,
+  'Seconds a process of a multi-process run waits for the others to start before it gives up.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # XLA's CPU backend hands the kernel gradient of a convolution (itself a convolution whose
@@ -61,19 +76,63 @@ def set_xla_flags(environ: MutableMapping[str, str] = os.environ) -> None:
   environ['XLA_FLAGS'] = ' '.join([given, *added]).strip()
 
 
+def _give_up(message: str) -> None:
+  # JAX's own timeout aborts the process (SIGABRT) without a word: say why and exit.
+  print(message, file=sys.stderr, flush=True)
+  os._exit(1)
+
+
 def initialize_distributed(
-  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  timeout: float = 300,
+  give_up: Callable[[str], None] = _give_up,
 ) -> None:
   """Starts multi-process JAX when flags or a detected cluster ask for it.
 
-  Must run before anything touches the devices.
+  Must run before anything touches the devices. With the flags given, prints whom this
+  process waits for, and calls `give_up(message)` (which exits) if the others have not
+  all started within `timeout` seconds.
   """
   # CPU processes exchange collectives over gloo (TCP), so that several processes on
   # one machine, or CPU-only hosts, can train together; other backends ignore it.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   given = (coordinator_address, num_processes, process_id)
   if any(value is not None for value in given):
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    if process_id == 0 and num_processes and num_processes > 1:
+      others = ', '.join(map(str, range(1, num_processes)))
+      waiting = f'processes {others} of {num_processes}'
+    else:
+      waiting = f'process 0 (the coordinator) at {coordinator_address}'
+    print(
+      f'Process {process_id}: waiting up to {timeout:g} s for {waiting} to start '
+      '(--initialization_timeout).',
+      file=sys.stderr,
+      flush=True,
+    )
+    timer = threading.Timer(
+      timeout,
+      give_up,
+      [
+        f'Process {process_id}: {waiting} did not start within --initialization_timeout='
+        f'{timeout:g} s; giving up. Start every process with the same --coordinator_address='
+        f'{coordinator_address} and --num_processes={num_processes}, each with its own '
+        '--process_id.'
+      ],
+    )
+    timer.daemon = True
+    timer.start()
+    try:
+      # JAX's timeout is left longer: its expiry aborts the process without a message.
+      jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        initialization_timeout=int(timeout) + 60,
+      )
+    finally:
+      timer.cancel()
     return
   try:
     # With nothing given, JAX looks for a cluster it knows and fails if none is found.
@@ -102,7 +161,10 @@ def setup(flag_values: flags.FlagValues = FLAGS) -> None:
   set_xla_flags()
   set_log_levels(flag_values['verbosity'].present > 0)
   initialize_distributed(
-    flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+    flag_values.coordinator_address,
+    flag_values.num_processes,
+    flag_values.process_id,
+    timeout=flag_values.initialization_timeout,
   )
   logging.info(
     'Process %d of %d, %d local devices of %d: %s',
@@ -114,11 +176,26 @@ def setup(flag_values: flags.FlagValues = FLAGS) -> None:
   )
 
 
+def given_fields(flag_values: flags.FlagValues = FLAGS) -> list[str]:
+  """The config fields given on the command line (`--config.<field>=...`)."""
+  return list(config_flags.get_override_values(flag_values['config']))
+
+
+def exit_on_run_errors(run: Callable[[], None]) -> None:
+  """Runs `run()`; a diverged run or a held workdir exits with status 1 and its message
+  (no traceback: neither is a bug)."""
+  try:
+    run()
+  except (divergence.DivergedError, workdir.WorkdirLockedError) as error:
+    sys.exit(f'{type(error).__name__}: {error}')
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   setup()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  schema.prefer_given(FLAGS.config, given_fields(), (FLAGS.config.optimizer,))
+  exit_on_run_errors(lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ its name, its value and what is allowed, and applies the per-optimizer overrides
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +20,8 @@ from examples import data_parallel, input_pipeline, models, optimizers, text_pip
 
 # Models that read text in BPTT windows (examples/language_model.py) rather than images.
 LANGUAGE_MODELS = ('awd_lstm',)
+# The run's random streams (jax.random.PRNGKey, the data order) take the seed modulo 2**32.
+MAX_SEED = 2**32 - 1
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -30,6 +32,41 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     for field, value in overrides.items():
       config[field] = value
   return config
+
+
+def prefer_given(
+  config: ml_collections.ConfigDict, given: Iterable[str], trained: Sequence[str]
+) -> None:
+  """Makes the top-level fields set on the command line win over the recipes.
+
+  `config.optimizers.<name>` overrides the top-level fields when `<name>` is trained
+  (see `resolve_config`), so that `--config.optimizer=adam` trains at Adam's rate. A
+  top-level field given on the command line (`--config.learning_rate=0.05`) is meant
+  for the optimizer trained, so it is written into that optimizer's recipe too.
+
+  Args:
+    config: the config of the command line, changed in place.
+    given: the fields given on the command line (`config_flags.get_override_values`).
+    trained: the optimizers the command trains.
+
+  Raises:
+    ValueError: if several optimizers are trained and the recipe of one of them sets
+      a given field: the value would be used by some and not by others.
+  """
+  for field in given:
+    if '.' in field or field in ('optimizer', 'optimizers') or field not in config:
+      continue
+    recipes = [name for name in trained if field in config.optimizers.get(name, {})]
+    if not recipes:
+      continue
+    if len(trained) > 1:
+      own = ', '.join(f'config.optimizers.{name}.{field}' for name in recipes)
+      raise ValueError(
+        f'--config.{field}={config[field]!r} would not reach {", ".join(recipes)}: their '
+        f'recipes set their own ({own}). Give it per optimizer, e.g. '
+        f'--config.optimizers.{recipes[0]}.{field}={config[field]!r}.'
+      )
+    config.optimizers[recipes[0]][field] = config[field]
 
 
 def invalid_field(field: str, value: Any, expected: str) -> ValueError:
@@ -139,6 +176,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'cooling', optimizers.COOLINGS)
   if config.cooling == optimizers.THERMOSTAT and config.warmup_epochs:
     raise invalid_field('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
+  if config.optimizer == 'sgd_sa' and config.learning_rate != 1.0:
+    raise ValueError(
+      f"config.learning_rate must be 1 with config.optimizer='sgd_sa', got "
+      f'config.learning_rate={config.learning_rate!r}: SGD-SA draws its learning rate at every '
+      'step from config.metropolis_multipliers (now '
+      f'{tuple(config.metropolis_multipliers)}). Scale those instead, e.g. '
+      '--config.optimizers.sgd_sa.metropolis_multipliers="(0.09, 0.08, 0.07)".'
+    )
   _check_choice(config, 'lr_schedule', optimizers.LR_SCHEDULES)
   for field in (
     'num_epochs',
@@ -158,7 +203,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   _check_steps(config, 'steps_per_epoch')
   _check_steps(config, 'steps_per_eval')
-  _check_number(config, 'seed', integer=True)
+  seed = config.seed
+  if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED):
+    raise invalid_field(
+      'seed',
+      seed,
+      f'an integer in [0, {MAX_SEED}]: the random streams of a run take the seed modulo 2**32',
+    )
   _check_number(config, 'learning_rate', lower=0, lower_inclusive=False)
   _check_number(config, 'rho_0', lower=0, upper=1)
   _check_number(config, 'momentum', lower=0, upper=1)
@@ -173,6 +224,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'gradient_clip',
   ):
     _check_number(config, field, lower=0)
+  if (
+    config.optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS
+    and config.warmup_epochs
+    and config.warmup_epochs >= config.num_epochs
+  ):
+    raise invalid_field(
+      'warmup_epochs',
+      config.warmup_epochs,
+      f'less than config.num_epochs={config.num_epochs}: rho is 0 during the momentum '
+      'warm-up, so a warm-up as long as the run trains without momentum throughout',
+    )
   _check_number(config, 'lr_decay_epochs', lower=0, lower_inclusive=False)
   _check_number(
     config, 'lr_decay_rate', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
@@ -224,3 +286,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
   _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
   _check_number(config, 'log_every_steps', lower=0, integer=True)
+  if not (
+    isinstance(config.divergence_steps, int)
+    and not isinstance(config.divergence_steps, bool)
+    and config.divergence_steps >= -1
+  ):
+    raise invalid_field(
+      'divergence_steps', config.divergence_steps, '-1 (one epoch), 0 (never) or a positive integer'
+    )

@@ -51,12 +51,23 @@ from flax import linen as nn
 from flax import struct
 
 import coolopt
-from examples import checkpoints, data_parallel, logs, models, optimizers, rows, schema, tasks
+from examples import (
+  checkpoints,
+  data_parallel,
+  divergence,
+  logs,
+  models,
+  optimizers,
+  rows,
+  schema,
+  tasks,
+)
 from examples.workdir import (
   CONFIG_FILE,
   METRICS_FILE,
   check_config,
   finite_or_none,
+  hold_lock,
   read_metrics,
   write_config,
   write_metrics,
@@ -396,7 +407,7 @@ def save(run: Run, workdir: str, manager: Any, host_state: TrainState, position)
   """Starts saving a checkpoint; the first one writes the resolved config beside it."""
   if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     write_config(workdir, run.config)
-  checkpoints.save_checkpoint(manager, host_state, position)
+  checkpoints.save_checkpoint(manager, host_state, position, run.config)
 
 
 def train_epoch(
@@ -507,6 +518,8 @@ def epoch_row(
 # The run
 
 
+@hold_lock
+@hold_lock
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` for `config.num_epochs` epochs, resuming from `workdir` if it holds
   a checkpoint; evaluates and logs after every epoch.
@@ -527,6 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Raises:
     ValueError: for an invalid config, or one that would change the trajectory of the
       run stored in `workdir`.
+    examples.workdir.WorkdirLockedError: if another run holds `workdir`.
+    examples.divergence.DivergedError: once `config.divergence_steps` steps in a row
+      were skipped as non-finite.
   """
   config, task = prepare(config)
   # Before anything is compiled: a resume must not change the trajectory.
@@ -539,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = logs.create_writer(workdir) if is_writer else None
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
   empty = rows.empty_step_metrics(run.metric_keys, config.steps_per_epoch)
-  host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty)
+  host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty, config)
   # Rows past the checkpoint belong to epochs that will be trained again.
   metrics_path = os.path.join(workdir, METRICS_FILE)
   history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
@@ -578,6 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # metrics never run ahead of what a resumed run restores.
     manager.wait_until_finished()
     rows.write_row(run, workdir, writer, history, row)
+    divergence.check(config, history, step_metrics)
   manager.close()
   if is_writer:
     writer.close()

@@ -1,4 +1,5 @@
-"""What a run keeps in its workdir: the resolved config, the metrics rows and the curves.
+"""What a run keeps in its workdir: the resolved config, the metrics rows, the curves and
+the lock that keeps a second run out.
 
 `config.json` is the resolved config of the run (`--config.*` overrides, the
 per-optimizer recipe and the derived steps per epoch applied). It is written with the
@@ -9,13 +10,22 @@ batch size or number of epochs would silently continue another schedule from the
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import functools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from matplotlib.figure import Figure
 
 from examples.configs import default
@@ -23,6 +33,7 @@ from examples.configs import default
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
+LOCK_FILE = 'lock.json'
 
 # Fields that change what is logged, kept or how fast it runs, never the parameters a
 # run ends with: a resumed run may change them. (`parallelism` and the process count
@@ -40,6 +51,7 @@ HARMLESS_FIELDS = frozenset(
     'steps_per_eval',
     'eval_train',
     'optimizers',
+    'divergence_steps',
   }
 )
 
@@ -64,13 +76,195 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   _atomic_write(os.path.join(workdir, CONFIG_FILE), json.dumps(config_dict(config), indent=2))
 
 
+class WorkdirLockedError(RuntimeError):
+  """The workdir is held by another run."""
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+  """The holder a lock file names; None if it does not read (yet: it is written after
+  it is created)."""
+  for _ in range(20):
+    try:
+      with open(path) as f:
+        holder = json.load(f)
+      if isinstance(holder, dict) and {'host', 'pid', 'start_time'} <= holder.keys():
+        return holder
+    except FileNotFoundError:
+      return {}
+    except (OSError, json.JSONDecodeError):
+      pass
+    time.sleep(0.05)
+  return None
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  return True
+
+
+def acquire_lock(workdir: str) -> dict[str, Any]:
+  """Takes `workdir/lock.json` for this process, creating the workdir if need be.
+
+  A lock whose holder ran on this host and is gone (a killed run) is taken over with a
+  warning. A run on another host cannot be checked: its lock must be deleted by hand
+  once that run is gone.
+
+  Returns:
+    The holder record written: host, pid and start time.
+
+  Raises:
+    WorkdirLockedError: naming the holder, if another run holds the workdir.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  host = socket.gethostname()
+  record = {
+    'host': host,
+    'pid': os.getpid(),
+    'start_time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+  while True:
+    try:
+      descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _read_lock(path)
+      if holder == {}:
+        continue  # Released meanwhile.
+      if holder is None:
+        raise WorkdirLockedError(
+          f'The workdir {workdir} is locked by {path}, which does not say by whom. If no '
+          'run uses this workdir, delete the file and rerun.'
+        ) from None
+      if holder['host'] == host and not _alive(holder['pid']):
+        message = (
+          f'Taking over the lock of the workdir {workdir}: its holder, process '
+          f'{holder["pid"]} on {host} (started {holder["start_time"]}), is gone.'
+        )
+        logging.warning('%s', message)
+        print(f'Warning: {message}', flush=True)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+        continue
+      raise WorkdirLockedError(
+        f'The workdir {workdir} is in use by another run: process {holder["pid"]} on host '
+        f'{holder["host"]}, started {holder["start_time"]} ({path}). Wait for it to end, or '
+        'use another workdir. If that run is gone (on another host, which cannot be '
+        'checked from here), delete the lock file and rerun.'
+      ) from None
+    with os.fdopen(descriptor, 'w') as f:
+      json.dump(record, f)
+    return record
+
+
+def release_lock(workdir: str, record: Mapping[str, Any]) -> None:
+  """Removes `workdir/lock.json` if it is still the lock `record` took."""
+  path = os.path.join(workdir, LOCK_FILE)
+  if _read_lock(path) == dict(record):
+    os.remove(path)
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+  """Holds `workdir` for one run: process 0 takes the lock (`acquire_lock`), and every
+  process of a multi-process run fails alike if it could not. A workdir created for the
+  lock and left empty is removed again.
+
+  Raises:
+    WorkdirLockedError: if another run holds the workdir.
+  """
+  record, error = None, None
+  created = not os.path.exists(workdir)
+  if jax.process_index() == 0:
+    try:
+      record = acquire_lock(workdir)
+    except WorkdirLockedError as caught:
+      error = caught
+  if jax.process_count() > 1:
+    taken = multihost_utils.broadcast_one_to_all(np.int32(record is not None))
+    if not taken and error is None:
+      error = WorkdirLockedError(
+        f'The workdir {workdir} is in use by another run: process 0 could not take its '
+        'lock (its error says by whom).'
+      )
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    if record is not None:
+      release_lock(workdir, record)
+      if created and not os.listdir(workdir):
+        os.rmdir(workdir)  # A run that failed before writing anything leaves no workdir.
+
+
+def hold_lock(function: Callable[..., Any]) -> Callable[..., Any]:
+  """Runs `function(config, workdir, ...)` holding `workdir` (see `locked`)."""
+
+  @functools.wraps(function)
+  def run_locked(config: ml_collections.ConfigDict, workdir: str, *args: Any, **kwargs: Any):
+    with locked(workdir):
+      return function(config, workdir, *args, **kwargs)
+
+  return run_locked
+
+
+def _invalid_json(path: str, line: int, error: Exception) -> ValueError:
+  return ValueError(
+    f'{path}, line {line}: not valid JSON ({error}). The file is damaged: restore it, or '
+    'use another workdir.'
+  )
+
+
 def read_config(workdir: str) -> dict[str, Any] | None:
-  """The stored config of `workdir`, or None if it holds none."""
+  """The stored config of `workdir`, or None if it holds none.
+
+  Raises:
+    ValueError: naming the file and line, if it is not a JSON object.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    stored = json.loads(text)
+  except json.JSONDecodeError as error:
+    raise _invalid_json(path, error.lineno, error) from error
+  if not isinstance(stored, dict):
+    raise ValueError(f'{path}, line 1: expected a JSON object of config fields, got {stored!r}.')
+  return stored
+
+
+def trajectory_fields(stored: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields of a config (as `config_dict` gives it) that decide the trajectory: all
+  but `HARMLESS_FIELDS`."""
+  return {field: value for field, value in stored.items() if field not in HARMLESS_FIELDS}
+
+
+def config_differences(
+  stored: Mapping[str, Any], new: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+  """`(field, stored value, new value)` for every field outside `HARMLESS_FIELDS` whose
+  values differ. A field that `stored` lacks (it was declared later) counts as stored
+  with its default of `examples/configs/default.py`."""
+  stored = {**config_dict(default.get_config()), **stored}
+  return [
+    (field, stored.get(field, _ABSENT), new.get(field, _ABSENT))
+    for field in sorted(stored.keys() | new.keys())
+    if field not in HARMLESS_FIELDS and stored.get(field, _ABSENT) != new.get(field, _ABSENT)
+  ]
+
+
+def format_differences(differences: Sequence[tuple[str, Any, Any]]) -> str:
+  """The lines of an error that lists `config_differences`."""
+  return '\n'.join(
+    f'  config.{field}: stored {old!r}, new {value!r}' for field, old, value in differences
+  )
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -82,37 +276,51 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: listing every field outside `HARMLESS_FIELDS` whose stored and new
-      values differ. A field that the stored config lacks (it was declared later)
-      counts as stored with its default of `examples/configs/default.py`.
+      values differ (see `config_differences`).
   """
   stored = read_config(workdir)
   if stored is None:
     return
-  # A field declared after the run was stored held its default then.
-  stored = {**config_dict(default.get_config()), **stored}
-  new = config_dict(config)
-  differences = [
-    (field, stored.get(field, _ABSENT), new.get(field, _ABSENT))
-    for field in sorted(stored.keys() | new.keys())
-    if field not in HARMLESS_FIELDS and stored.get(field, _ABSENT) != new.get(field, _ABSENT)
-  ]
+  differences = config_differences(stored, config_dict(config))
   if differences:
-    lines = '\n'.join(
-      f'  config.{field}: stored {old!r}, new {value!r}' for field, old, value in differences
-    )
     raise ValueError(
       f'The workdir {workdir} holds a run of another config ({CONFIG_FILE}); resuming it '
-      f'with this one would change its trajectory:\n{lines}\n'
+      f'with this one would change its trajectory:\n{format_differences(differences)}\n'
       'Use a new workdir for the new config, or rerun with the stored values.'
     )
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """The rows of a metrics.jsonl file; [] if it does not exist."""
+  """The rows of a metrics.jsonl file; [] if it does not exist.
+
+  Raises:
+    ValueError: naming the file and line of a row that is not valid JSON, or not an
+      object with an integer 'epoch' and a number 'wall_time'.
+  """
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise _invalid_json(path, number, error) from error
+      missing = [
+        field
+        for field, kind in (('epoch', int), ('wall_time', (int, float)))
+        if not (isinstance(row, dict) and isinstance(row.get(field), kind))
+      ]
+      if missing:
+        raise ValueError(
+          f'{path}, line {number}: a metrics row must be a JSON object with an integer '
+          f"'epoch' and a number 'wall_time'; this one lacks {', '.join(map(repr, missing))}. "
+          'The file is damaged: restore it, or use another workdir.'
+        )
+      rows.append(row)
+  return rows
 
 
 def write_metrics(path: str, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 10
   config.steps_per_epoch = -1
   config.steps_per_eval = -1
-  config.seed = 0
+  config.seed = 0  # In [0, 2**32 - 1]: the random streams take it modulo 2**32.
 
   # Optimizer: 'coolmomentum', 'momentum', 'adam', 'rmsprop', 'sgd_sa' or
   # 'metropolis_coolmomentum'.
@@ -133,4 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress_bar = True  # True: a bar per epoch on a terminal (process 0); False: none.
   # TensorBoard points every this many steps of the run (0: at epoch ends only).
   config.log_every_steps = 100
+  # Stop the run once this many consecutive steps were skipped as non-finite (checked at
+  # epoch ends): it has diverged. -1: one epoch; 0: never.
+  config.divergence_steps = -1
   return config
