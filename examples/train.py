@@ -519,7 +519,6 @@ def epoch_row(
 
 
 @hold_lock
-@hold_lock
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` for `config.num_epochs` epochs, resuming from `workdir` if it holds
   a checkpoint; evaluates and logs after every epoch.
