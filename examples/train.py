@@ -406,6 +406,28 @@ def epoch_row(
 # The run
 
 
+def restore(
+  run: Run, workdir: str, manager: Any, empty: StepMetrics
+) -> tuple[TrainState, checkpoints.Position, list[dict[str, Any]]]:
+  """Where the run in `workdir` stands: the host state and position of its last
+  checkpoint (the initial state and the start without one; `empty`: the per-step metrics
+  of an epoch not begun), and the rows up to that checkpoint, which process 0 writes
+  back to metrics.jsonl."""
+  host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty, run.config)
+  # Rows past the checkpoint belong to epochs that will be trained again.
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
+  if jax.process_index() == 0:
+    write_metrics(metrics_path, history)
+  if manager.latest_step() is not None:
+    logging.info(
+      'Resuming from the checkpoint after epoch %d and %d steps of the next.',
+      position.epoch,
+      position.step_in_epoch,
+    )
+  return host_state, position, history
+
+
 @hold_lock
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` for `config.num_epochs` epochs, resuming from `workdir` if it holds
@@ -442,18 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = logs.create_writer(workdir) if is_writer else None
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
   empty = rows.empty_step_metrics(run.metric_keys, config.steps_per_epoch)
-  host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty, config)
-  # Rows past the checkpoint belong to epochs that will be trained again.
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
-  if is_writer:
-    write_metrics(metrics_path, history)
-  if manager.latest_step() is not None:
-    logging.info(
-      'Resuming from the checkpoint after epoch %d and %d steps of the next.',
-      position.epoch,
-      position.step_in_epoch,
-    )
+  host_state, position, history = restore(run, workdir, manager, empty)
   state = run.parallel.put_state(host_state)
   clock = WallClock(position.wall_time)
 
