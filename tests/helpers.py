@@ -11,7 +11,6 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-import coolopt
 from examples import input_pipeline, workdir
 from examples.configs import digits, lstm_lm
 
@@ -154,35 +153,3 @@ def mock_tfds(data_dir: str, name: str, num_examples: int):
     data_dir=data_dir,
     as_data_source_fn=as_data_source_fn,
   )
-
-
-COOLINGS = {
-  'exponential': coolopt.exponential_cooling,
-  'linear': coolopt.linear_cooling,
-  'friction': coolopt.friction_cooling,
-}
-
-
-def reference_rho(cooling, n, rho_0, total_steps, warmup_steps=0):
-  """rho_n in float64, transcribed from DESIGN.md §1 and paper Eqs. 20-21 / Table 1."""
-  n, rho_0 = np.float64(n), np.float64(rho_0)
-  if n < warmup_steps:
-    return 0.0
-  if total_steps is None:
-    return float(rho_0)
-  S = np.float64(total_steps)
-  # Past S the formulas may divide by zero or overflow; the clip at 0 is the value.
-  with np.errstate(divide='ignore', over='ignore', invalid='ignore'):
-    if cooling == 'exponential':
-      alpha = (1.0 - rho_0) ** (1.0 / S)
-      rho = 1.0 - (1.0 - rho_0) / alpha**n
-    elif cooling == 'linear':
-      rho = rho_0 * (1.0 - n / S) / abs(1.0 - rho_0 * n / S)
-    elif cooling == 'friction':
-      c = (1.0 - rho_0) / (1.0 + rho_0)
-      beta = c ** (1.0 / S)
-      r = c / beta**n
-      rho = (1.0 - r) / (1.0 + r)
-    else:
-      raise ValueError(cooling)
-  return 0.0 if n >= S or np.isnan(rho) else float(max(0.0, rho))

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import coolopt
-from tests.helpers import COOLINGS, reference_rho
+from tests.library_helpers import COOLINGS, reference_rho
 
 
 @pytest.fixture

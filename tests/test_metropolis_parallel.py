@@ -16,7 +16,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import coolopt
-from tests.test_parallel import as_varying
+from tests.library_helpers import as_varying
 
 NUM_DEVICES = 8
 NUM_STEPS = 300

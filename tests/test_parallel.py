@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import coolopt
+from tests.library_helpers import as_varying
 
 NUM_DEVICES = 8
 NUM_STEPS = 50
@@ -144,13 +145,6 @@ def test_coolmomentum_under_vmap_runs_independent_problems():
     assert_trees_close(jax.tree.map(lambda x, i=i: x[i], batched_params), alone_params, 1e-5)
     np.testing.assert_allclose(batched_temperatures[i], alone_temperatures, rtol=1e-4)
   assert len({float(t) for t in batched_temperatures[:, -1]}) == num_problems
-
-
-def as_varying(x, axis_name):
-  """`x` marked as varying over `axis_name` (`jax.lax.pcast`; `pvary` before it)."""
-  if hasattr(jax.lax, 'pcast'):
-    return jax.lax.pcast(x, axis_name, to='varying')
-  return jax.lax.pvary(x, axis_name)
 
 
 def data_parallel_step(opt, axis_name):

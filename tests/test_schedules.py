@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import COOLINGS, reference_rho
+from tests.library_helpers import COOLINGS, reference_rho
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 On the eight CPU devices of tests/conftest.py, the parameters are sharded over a 2-D
 mesh with `NamedSharding`; with explicit mesh axes too where the installed JAX has them
 (`jax.sharding.AxisType`, `jax.set_mesh`), in the manner of optax's
-contrib/_sharding_test.py. Every entry of the battery (tests/test_battery.py) runs.
+contrib/_sharding_test.py. Every entry of the battery (tests/library_helpers.py) runs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tests.test_battery import CASES, loss, map_params, update
+from tests.library_helpers import CASES, loss, map_params, update
 
 EXPLICIT_AXES = hasattr(jax.sharding, 'AxisType') and hasattr(jax, 'set_mesh')
 # Explicit mesh axes where this JAX has them; sharding by NamedSharding alone always.

@@ -31,8 +31,8 @@ from examples import (
 )
 from examples import main as trainer_main
 from examples.configs import digits
-from tests.helpers import TIMING, read_rows
-from tests.test_train import REPO_ROOT, _compilation_cache, _digits  # noqa: F401
+from tests.helpers import REPO_ROOT, TIMING, read_rows
+from tests.helpers import short_digits as _digits
 
 
 @pytest.fixture(scope='module')
