@@ -3,7 +3,8 @@
 `create_optimizer` is the one place that reads the optimizer fields of a config. It
 returns the transformation together with the schedules it was built with, so that what
 the trainer logs (the learning rate and CoolMomentum's rho at each step) is read from
-the functions the optimizer runs on.
+the functions the optimizer runs on. The recipe's L2 regularization and weight decay
+are penalties in the loss, `regularization`, which the train step adds.
 
 To add an optimizer: a name in `OPTIMIZERS` and a branch in `_base_optimizer`; its
 per-optimizer recipe (learning rate, schedule) goes in `config.optimizers.<name>` of
@@ -12,8 +13,9 @@ the configs that train it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -156,10 +158,46 @@ def decays_after_clipping(config: ml_collections.ConfigDict) -> bool:
 
   With `config.gradient_clip`, as the AWD-LSTM reference clips the gradient and then its
   PyTorch `SGD(weight_decay=...)` adds the decay; the loss keeps the decay's value (a
-  Metropolis test judges it) but not its gradient (see `examples.train.regularization`).
+  Metropolis test judges it) but not its gradient (see `regularization`).
   Otherwise the decay's gradient comes with the loss's.
   """
   return config.gradient_clip > 0 and config.weight_decay > 0
+
+
+def _masked_square_sum(params: Any, mask: Any) -> jax.Array:
+  return sum(
+    (
+      jnp.sum(jnp.square(w))
+      for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)
+      if m
+    ),
+    start=jnp.zeros([], jnp.float32),
+  )
+
+
+def regularization(
+  params: Any,
+  *,
+  l2_regularization: float = 0.0,
+  weight_decay: float = 0.0,
+  decay_gradient: bool = True,
+) -> jax.Array:
+  """The penalty added to the loss.
+
+  `l2_regularization * sum(w**2)` over the convolution kernels (Keras' `l2` kernel
+  regularizer of the ResNet reference) plus `weight_decay * sum(w**2) / 2` over every
+  parameter but the normalisation layers' (the EfficientNet reference's `weight_decay *
+  tf.nn.l2_loss`), whose gradient is the coupled decay `weight_decay * w`. Without
+  `decay_gradient` the decay term counts in the value only, for an optimizer that adds
+  the decay itself (see `examples.optimizers.decays_after_clipping`).
+  """
+  penalty = jnp.zeros([], jnp.float32)
+  if l2_regularization:
+    penalty += l2_regularization * _masked_square_sum(params, models.conv_kernel_mask(params))
+  if weight_decay:
+    decay = weight_decay / 2 * _masked_square_sum(params, models.weight_decay_mask(params))
+    penalty += decay if decay_gradient else jax.lax.stop_gradient(decay)
+  return penalty
 
 
 def create_optimizer(
@@ -173,7 +211,7 @@ def create_optimizer(
   """`config.optimizer`, followed by `coolopt.track_kinetic_temperature()`.
 
   Weight decay is not part of it: `config.weight_decay` and `config.l2_regularization`
-  are penalties in the loss (see `examples.train.regularization`), so that the
+  are penalties in the loss (see `regularization`), so that the
   gradients and a Metropolis test see one objective. With `config.gradient_clip`, the
   gradient's global norm is clipped first and the weight decay added after (the
   language model's recipe; see `decays_after_clipping`).

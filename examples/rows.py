@@ -20,7 +20,7 @@ from examples import checkpoints, logs, optimizers
 from examples.workdir import CURVES_FILE, METRICS_FILE, plot_curves, write_metrics
 
 if TYPE_CHECKING:
-  from examples import tasks, train
+  from examples import tasks, train, train_state
 
 StepMetrics = checkpoints.StepMetrics
 
@@ -59,7 +59,7 @@ def summarize_steps(
 def log_steps(
   run: train.Run,
   writer: Any,
-  device_state: train.TrainState,
+  device_state: train_state.TrainState,
   epoch: int,
   steps_done: int,
   step_metrics,
@@ -72,7 +72,7 @@ def log_steps(
   logs.write_step(writer, epoch * run.config.steps_per_epoch + steps_done, values)
 
 
-def clock(state: train.TrainState) -> dict[str, Any]:
+def clock(state: train_state.TrainState) -> dict[str, Any]:
   """What the logged rho and learning rate are read from: the optimizer's step
   (CoolMomentum's own count if any, else the training step) and the thermostat's rho.
 

@@ -9,17 +9,14 @@ its name, its value and what is allowed, and applies the per-optimizer overrides
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import jax
 import ml_collections
 
-from examples import data_parallel, input_pipeline, models, optimizers, text_pipeline
+from examples import data_parallel, optimizers, tasks
+from examples.checks import check_choice, check_number, invalid_field, is_number
 
-# Models that read text in BPTT windows (examples/language_model.py) rather than images.
-LANGUAGE_MODELS = ('awd_lstm',)
 # The run's random streams (jax.random.PRNGKey, the data order) take the seed modulo 2**32.
 MAX_SEED = 2**32 - 1
 
@@ -69,43 +66,6 @@ def prefer_given(
     config.optimizers[recipes[0]][field] = config[field]
 
 
-def invalid_field(field: str, value: Any, expected: str) -> ValueError:
-  """The error for `config.<field>` holding `value` where `expected` was."""
-  return ValueError(f'config.{field} must be {expected}, got config.{field}={value!r}.')
-
-
-def _check_choice(config: ml_collections.ConfigDict, field: str, choices: Iterable[str]) -> None:
-  choices = tuple(choices)
-  if config[field] not in choices:
-    raise invalid_field(field, config[field], 'one of ' + ', '.join(map(repr, choices)))
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_number(
-  config: ml_collections.ConfigDict,
-  field: str,
-  *,
-  lower: float | None = None,
-  upper: float | None = None,
-  lower_inclusive: bool = True,
-  upper_inclusive: bool = False,
-  integer: bool = False,
-) -> None:
-  value = config[field]
-  ok = _is_number(value) and (isinstance(value, int) or not integer)
-  ok = ok and (lower is None or (value >= lower if lower_inclusive else value > lower))
-  ok = ok and (upper is None or (value <= upper if upper_inclusive else value < upper))
-  if not ok:
-    kind = 'an integer' if integer else 'a number'
-    left, right = '[' if lower_inclusive else '(', ']' if upper_inclusive else ')'
-    low = '-inf' if lower is None else f'{lower:g}'
-    high = 'inf' if upper is None else f'{upper:g}'
-    raise invalid_field(field, value, f'{kind} in {left}{low}, {high}{right}')
-
-
 def _check_steps(config: ml_collections.ConfigDict, field: str) -> None:
   value = config[field]
   if not (isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value > 0)):
@@ -127,33 +87,6 @@ def _check_overrides(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def is_language_model(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config.model` is a language model, trained on text in BPTT windows."""
-  return config.model in LANGUAGE_MODELS
-
-
-def _validate_language_model(config: ml_collections.ConfigDict) -> None:
-  _check_choice(config, 'dataset', text_pipeline.TEXT_DATASETS)
-  for field in ('embedding_size', 'hidden_size', 'num_layers', 'bptt', 'eval_batch_size'):
-    _check_number(config, field, lower=1, integer=True)
-  for field in (
-    'output_dropout',
-    'hidden_dropout',
-    'input_dropout',
-    'embedding_dropout',
-    'weight_dropout',
-  ):
-    _check_number(config, field, lower=0, upper=1)
-  for field in ('activation_regularization', 'temporal_activation_regularization'):
-    _check_number(config, field, lower=0)
-  if config.eval_batch_size % jax.device_count():
-    raise invalid_field(
-      'eval_batch_size',
-      config.eval_batch_size,
-      f'a multiple of the device count {jax.device_count()}',
-    )
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before anything is compiled, on a configuration that cannot run.
 
@@ -164,16 +97,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the field, its value and what is allowed.
   """
-  _check_choice(config, 'optimizer', optimizers.OPTIMIZERS)
+  check_choice(config, 'optimizer', optimizers.OPTIMIZERS)
   _check_overrides(config)
   config = resolve_config(config)
-  _check_choice(config, 'model', (*models.MODELS, *LANGUAGE_MODELS))
-  if is_language_model(config):
-    _validate_language_model(config)
-  else:
-    _check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
-  _check_choice(config, 'parallelism', data_parallel.PARALLELISMS)
-  _check_choice(config, 'cooling', optimizers.COOLINGS)
+  check_choice(config, 'model', tasks.TASKS)
+  # The fields only one task reads (its data set, its model's sizes) are its own to check.
+  tasks.TASKS[config.model].check_config(config)
+  check_choice(config, 'parallelism', data_parallel.PARALLELISMS)
+  check_choice(config, 'cooling', optimizers.COOLINGS)
   if config.cooling == optimizers.THERMOSTAT and config.warmup_epochs:
     raise invalid_field('warmup_epochs', config.warmup_epochs, "0 with config.cooling='thermostat'")
   if config.optimizer == 'sgd_sa' and config.learning_rate != 1.0:
@@ -184,7 +115,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'{tuple(config.metropolis_multipliers)}). Scale those instead, e.g. '
       '--config.optimizers.sgd_sa.metropolis_multipliers="(0.09, 0.08, 0.07)".'
     )
-  _check_choice(config, 'lr_schedule', optimizers.LR_SCHEDULES)
+  check_choice(config, 'lr_schedule', optimizers.LR_SCHEDULES)
   for field in (
     'num_epochs',
     'batch_size',
@@ -194,7 +125,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'synthetic_train_size',
     'synthetic_test_size',
   ):
-    _check_number(config, field, lower=1, integer=True)
+    check_number(config, field, lower=1, integer=True)
   if config.cache is not None and not isinstance(config.cache, bool):
     raise invalid_field('cache', config.cache, "None (the data set's default), True or False")
   if config.batch_size % jax.device_count():
@@ -210,12 +141,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       seed,
       f'an integer in [0, {MAX_SEED}]: the random streams of a run take the seed modulo 2**32',
     )
-  _check_number(config, 'learning_rate', lower=0, lower_inclusive=False)
-  _check_number(config, 'rho_0', lower=0, upper=1)
-  _check_number(config, 'momentum', lower=0, upper=1)
-  _check_number(config, 'rmsprop_decay', lower=0, upper=1)
-  _check_number(config, 'rmsprop_eps', lower=0, lower_inclusive=False)
-  _check_number(config, 'label_smoothing', lower=0, upper=1)
+  check_number(config, 'learning_rate', lower=0, lower_inclusive=False)
+  check_number(config, 'rho_0', lower=0, upper=1)
+  check_number(config, 'momentum', lower=0, upper=1)
+  check_number(config, 'rmsprop_decay', lower=0, upper=1)
+  check_number(config, 'rmsprop_eps', lower=0, lower_inclusive=False)
+  check_number(config, 'label_smoothing', lower=0, upper=1)
   for field in (
     'warmup_epochs',
     'lr_warmup_epochs',
@@ -223,7 +154,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     'l2_regularization',
     'gradient_clip',
   ):
-    _check_number(config, field, lower=0)
+    check_number(config, field, lower=0)
   if (
     config.optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS
     and config.warmup_epochs
@@ -235,19 +166,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'less than config.num_epochs={config.num_epochs}: rho is 0 during the momentum '
       'warm-up, so a warm-up as long as the run trains without momentum throughout',
     )
-  _check_number(config, 'lr_decay_epochs', lower=0, lower_inclusive=False)
-  _check_number(
+  check_number(config, 'lr_decay_epochs', lower=0, lower_inclusive=False)
+  check_number(
     config, 'lr_decay_rate', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
   )
-  _check_number(config, 'metropolis_temperature', lower=0, lower_inclusive=False)
-  _check_number(
+  check_number(config, 'metropolis_temperature', lower=0, lower_inclusive=False)
+  check_number(
     config, 'metropolis_cooling', lower=0, upper=1, lower_inclusive=False, upper_inclusive=True
   )
   multipliers = config.metropolis_multipliers
   if not (
     isinstance(multipliers, (tuple, list))
     and multipliers
-    and all(_is_number(m) and m > 0 for m in multipliers)
+    and all(is_number(m) and m > 0 for m in multipliers)
   ):
     raise invalid_field(
       'metropolis_multipliers', multipliers, 'a non-empty tuple of positive numbers'
@@ -262,7 +193,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (
     isinstance(scales, (tuple, list))
     and len(scales) == len(boundaries)
-    and all(_is_number(s) and s > 0 for s in scales)
+    and all(is_number(s) and s > 0 for s in scales)
   ):
     raise invalid_field(
       'lr_scales', scales, f'a tuple of {len(boundaries)} positive numbers, one per lr_boundaries'
@@ -270,8 +201,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ('half_precision', 'eval_train', 'progress_bar'):
     if not isinstance(config[field], bool):
       raise invalid_field(field, config[field], 'True or False')
-  _check_number(config, 'ema_decay', lower=0, upper=1)
-  _check_number(config, 'batch_norm_group_size', lower=0, integer=True)
+  check_number(config, 'ema_decay', lower=0, upper=1)
+  check_number(config, 'batch_norm_group_size', lower=0, integer=True)
   group, per_device = config.batch_norm_group_size, config.batch_size // jax.device_count()
   if group and config.batch_size % group:
     raise invalid_field(
@@ -283,9 +214,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       group,
       f'under pmap a divisor or a multiple of the {per_device} examples on each device',
     )
-  _check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
-  _check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
-  _check_number(config, 'log_every_steps', lower=0, integer=True)
+  check_number(config, 'checkpoint_max_to_keep', lower=1, integer=True)
+  check_number(config, 'checkpoint_every_steps', lower=0, integer=True)
+  check_number(config, 'log_every_steps', lower=0, integer=True)
   if not (
     isinstance(config.divergence_steps, int)
     and not isinstance(config.divergence_steps, bool)

@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from examples import input_pipeline, language_model, models, rows, schema, text_pipeline
+from examples import input_pipeline, language_model, models, rows, text_pipeline
+from examples.checks import check_choice, check_number, invalid_field
 
 Batch = dict[str, Any]
 
@@ -93,6 +94,8 @@ class ImageClassification(_Task):
   """`config.model` of examples/models.py on the images of examples/input_pipeline.py."""
 
   pipeline = input_pipeline
+  # The values of `config.model` that this task trains.
+  model_names = models.MODELS
   # What a row reports of the speed, per second of training.
   throughput_key = 'images_per_sec'
   # The scores of the epoch line, the first the one the comparison and curves follow.
@@ -100,6 +103,12 @@ class ImageClassification(_Task):
 
   # ------------------------------------------------------------------------------------
   # Data
+
+  @staticmethod
+  def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields only this task reads (see `examples.schema.validate_config`):
+    the image data set."""
+    check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
 
   def data_options(self) -> input_pipeline.DatasetOptions:
     """The config's fields that the image pipeline reads, besides the split, the batch
@@ -121,7 +130,7 @@ class ImageClassification(_Task):
     """
     info = self._info
     if info.num_classes != self.config.num_classes:
-      raise schema.invalid_field(
+      raise invalid_field(
         'num_classes', self.config.num_classes, f'{info.num_classes} for {self.config.dataset}'
       )
     return input_pipeline.steps_per_epoch(info, self.config.batch_size, self.config.steps_per_epoch)
@@ -253,6 +262,7 @@ class LanguageModel(_Task):
   """
 
   pipeline = text_pipeline
+  model_names = ('awd_lstm',)
   throughput_key = 'tokens_per_sec'
   scores = (
     Score('valid_perplexity', 'valid perplexity', '.2f', min, 'log'),
@@ -261,6 +271,31 @@ class LanguageModel(_Task):
 
   # ------------------------------------------------------------------------------------
   # Data
+
+  @staticmethod
+  def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields only this task reads (see `examples.schema.validate_config`):
+    the corpus, the model's sizes and dropouts, its activation penalties and the
+    evaluation streams."""
+    check_choice(config, 'dataset', text_pipeline.TEXT_DATASETS)
+    for field in ('embedding_size', 'hidden_size', 'num_layers', 'bptt', 'eval_batch_size'):
+      check_number(config, field, lower=1, integer=True)
+    for field in (
+      'output_dropout',
+      'hidden_dropout',
+      'input_dropout',
+      'embedding_dropout',
+      'weight_dropout',
+    ):
+      check_number(config, field, lower=0, upper=1)
+    for field in ('activation_regularization', 'temporal_activation_regularization'):
+      check_number(config, field, lower=0)
+    if config.eval_batch_size % jax.device_count():
+      raise invalid_field(
+        'eval_batch_size',
+        config.eval_batch_size,
+        f'a multiple of the device count {jax.device_count()}',
+      )
 
   def data_options(self) -> text_pipeline.CorpusOptions:
     """The config's fields that the text pipeline reads, besides the split, the batch
@@ -427,13 +462,12 @@ Task = ImageClassification | LanguageModel
 
 # The task of each model of `config.model`.
 TASKS: dict[str, type[Task]] = {
-  **dict.fromkeys(models.MODELS, ImageClassification),
-  **dict.fromkeys(schema.LANGUAGE_MODELS, LanguageModel),
+  model: task for task in (ImageClassification, LanguageModel) for model in task.model_names
 }
 
 
 def create_task(config: ml_collections.ConfigDict) -> Task:
   """The task of `config.model` for the (resolved) `config`."""
   if config.model not in TASKS:
-    raise schema.invalid_field('model', config.model, f'one of {", ".join(map(repr, TASKS))}')
+    raise invalid_field('model', config.model, f'one of {", ".join(map(repr, TASKS))}')
   return TASKS[config.model](config)

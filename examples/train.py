@@ -1,17 +1,18 @@
 """Trains and evaluates an image classifier or a language model with coolopt, after
 Flax's examples/imagenet.
 
-This module holds the steps and the loop, in reading order: the train state,
-`train_step`, `build` (what a run needs, from its config), the epoch and
-`train_and_evaluate`. Around it:
+This module holds the steps and the loop, in reading order: `train_step`, `build` (what
+a run needs, from its config), the epoch and `train_and_evaluate`. Around it:
 
 - `examples/tasks.py` holds what differs between the tasks (image classification,
   language model): the model, the loss, the eval step, the pipeline and the row fields.
   The task is chosen once, by `tasks.create_task(config)`.
 - `examples/configs/default.py` declares every config field; `examples/schema.py` checks
   them and applies the per-optimizer overrides.
+- `examples/train_state.py` holds the train state (`TrainState`, `create_train_state`,
+  `update_ema`).
 - `examples/optimizers.py` builds the optax transformation of `config.optimizer` and the
-  schedules it runs on.
+  schedules it runs on, and the L2 and weight decay penalty (`regularization`).
 - `examples/data_parallel.py` compiles the steps under a sharded `jax.jit` over a 1-D
   device mesh (`config.parallelism = 'jit'`, the default: the batch is one global array
   split over the devices and no axis name appears inside) or under `jax.pmap`
@@ -48,7 +49,6 @@ import optax
 import tqdm
 from absl import logging
 from flax import linen as nn
-from flax import struct
 
 import coolopt
 from examples import (
@@ -56,12 +56,13 @@ from examples import (
   data_parallel,
   divergence,
   logs,
-  models,
   optimizers,
   rows,
   schema,
   tasks,
 )
+from examples.optimizers import regularization
+from examples.train_state import TrainState, create_train_state, update_ema
 from examples.workdir import (
   CONFIG_FILE,
   METRICS_FILE,
@@ -79,120 +80,7 @@ StepMetrics = checkpoints.StepMetrics
 
 
 # --------------------------------------------------------------------------------------------
-# Train state
-
-
-class TrainState(struct.PyTreeNode):
-  """Everything a run needs to continue, as arrays (orbax saves it whole).
-
-  Attributes:
-    step: steps taken so far, skipped ones included.
-    params: the model parameters.
-    batch_stats: BatchNorm running statistics.
-    opt_state: the optimizer state (Metropolis keys and cooling counters included).
-    rng: raw key data; the dropout key of step n is `fold_in(rng, n)`.
-    tx: the optimizer (static).
-    ema: None, or the exponential moving averages `{'params', 'batch_stats'}` that
-      evaluation uses (see `update_ema`).
-    carry: a language model's LSTM state after the last window, for all the
-      `batch_size` streams (see `examples.language_model`); None for image models.
-  """
-
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: optax.OptState
-  rng: jax.Array
-  tx: optax.GradientTransformation = struct.field(pytree_node=False)
-  ema: Any = None
-  carry: Any = None
-
-  def eval_variables(self) -> dict[str, Any]:
-    """The variables evaluation uses: the moving averages if kept, else the weights."""
-    if self.ema is not None:
-      return self.ema
-    return {'params': self.params, 'batch_stats': self.batch_stats}
-
-
-def create_train_state(
-  rng: jax.Array,
-  model: nn.Module,
-  inputs: tuple[Any, ...],
-  tx: optax.GradientTransformation,
-  *,
-  ema: bool = False,
-  carry: Any = None,
-) -> TrainState:
-  """A freshly initialised train state, on the host (numpy arrays), the variables from
-  `model.init(keys, *inputs)`; with `ema`, moving averages that start at the initial
-  weights and statistics; `carry` is the state carried from step to step, if any."""
-  params_rng, dropout_rng = jax.random.split(rng)
-  variables = jax.jit(functools.partial(model.init, train=False))({'params': params_rng}, *inputs)
-  state = TrainState(
-    step=jnp.zeros([], jnp.int32),
-    params=variables['params'],
-    batch_stats=variables.get('batch_stats', {}),
-    opt_state=jax.jit(tx.init)(variables['params']),
-    rng=dropout_rng,
-    tx=tx,
-    carry=carry,
-  )
-  if ema:
-    state = state.replace(ema={'params': state.params, 'batch_stats': state.batch_stats})
-  return jax.device_get(state)
-
-
-def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
-  """The moving averages after the optimizer's step `step` (0-based) left `variables`.
-
-  As TensorFlow's `ExponentialMovingAverage(decay, num_updates=global_step)` of the
-  EfficientNet reference, applied after the step: with n = step + 1 updates done, the
-  rate is `min(decay, (1 + n) / (10 + n))`, so the first averages follow the weights
-  closely.
-  """
-  n = jnp.asarray(step, jnp.float32) + 1
-  rate = jnp.minimum(decay, (1 + n) / (10 + n))
-  return jax.tree.map(lambda a, v: rate * a + (1 - rate) * v, ema, variables)
-
-
-# --------------------------------------------------------------------------------------------
 # Steps
-
-
-def _masked_square_sum(params: Any, mask: Any) -> jax.Array:
-  return sum(
-    (
-      jnp.sum(jnp.square(w))
-      for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True)
-      if m
-    ),
-    start=jnp.zeros([], jnp.float32),
-  )
-
-
-def regularization(
-  params: Any,
-  *,
-  l2_regularization: float = 0.0,
-  weight_decay: float = 0.0,
-  decay_gradient: bool = True,
-) -> jax.Array:
-  """The penalty added to the loss.
-
-  `l2_regularization * sum(w**2)` over the convolution kernels (Keras' `l2` kernel
-  regularizer of the ResNet reference) plus `weight_decay * sum(w**2) / 2` over every
-  parameter but the normalisation layers' (the EfficientNet reference's `weight_decay *
-  tf.nn.l2_loss`), whose gradient is the coupled decay `weight_decay * w`. Without
-  `decay_gradient` the decay term counts in the value only, for an optimizer that adds
-  the decay itself (see `examples.optimizers.decays_after_clipping`).
-  """
-  penalty = jnp.zeros([], jnp.float32)
-  if l2_regularization:
-    penalty += l2_regularization * _masked_square_sum(params, models.conv_kernel_mask(params))
-  if weight_decay:
-    decay = weight_decay / 2 * _masked_square_sum(params, models.weight_decay_mask(params))
-    penalty += decay if decay_gradient else jax.lax.stop_gradient(decay)
-  return penalty
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -518,6 +406,28 @@ def epoch_row(
 # The run
 
 
+def restore(
+  run: Run, workdir: str, manager: Any, empty: StepMetrics
+) -> tuple[TrainState, checkpoints.Position, list[dict[str, Any]]]:
+  """Where the run in `workdir` stands: the host state and position of its last
+  checkpoint (the initial state and the start without one; `empty`: the per-step metrics
+  of an epoch not begun), and the rows up to that checkpoint, which process 0 writes
+  back to metrics.jsonl."""
+  host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty, run.config)
+  # Rows past the checkpoint belong to epochs that will be trained again.
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
+  if jax.process_index() == 0:
+    write_metrics(metrics_path, history)
+  if manager.latest_step() is not None:
+    logging.info(
+      'Resuming from the checkpoint after epoch %d and %d steps of the next.',
+      position.epoch,
+      position.step_in_epoch,
+    )
+  return host_state, position, history
+
+
 @hold_lock
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` for `config.num_epochs` epochs, resuming from `workdir` if it holds
@@ -554,18 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   writer = logs.create_writer(workdir) if is_writer else None
   manager = checkpoints.checkpoint_manager(workdir, config.checkpoint_max_to_keep)
   empty = rows.empty_step_metrics(run.metric_keys, config.steps_per_epoch)
-  host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty, config)
-  # Rows past the checkpoint belong to epochs that will be trained again.
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
-  if is_writer:
-    write_metrics(metrics_path, history)
-  if manager.latest_step() is not None:
-    logging.info(
-      'Resuming from the checkpoint after epoch %d and %d steps of the next.',
-      position.epoch,
-      position.step_in_epoch,
-    )
+  host_state, position, history = restore(run, workdir, manager, empty)
   state = run.parallel.put_state(host_state)
   clock = WallClock(position.wall_time)
 

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from examples import workdir
+from examples import input_pipeline, workdir
 from examples.configs import digits, lstm_lm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,10 +53,6 @@ def tiny_language_model(**fields) -> ml_collections.ConfigDict:
   )
   config.update(fields)
   return config
-
-
-# The splits of the TFDS data sets the tests mock.
-MOCK_SPLITS = {'cifar10': ('train', 'test'), 'imagenet2012': ('train', 'validation')}
 
 
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -108,13 +104,14 @@ def digest(batches) -> str:
   return sha.hexdigest()[:16]
 
 
-def mock_tfds(data_dir: str, name: str, num_examples: int, splits=None):
+def mock_tfds(data_dir: str, name: str, num_examples: int):
   """Mocks the TFDS dataset `name` as prepared as ArrayRecord in `data_dir`.
 
   `tfds.testing.mock_data`'s `MockPolicy.USE_CODE` leaves the builder unprepared and
   its split sizes unknown, so the pipeline would rightly refuse it. Instead the real
-  metadata (`dataset_info.json`, `features.json`) of a dataset of `num_examples` per
-  split in `splits` is written into `data_dir` and mocked with `MockPolicy.USE_FILES`.
+  metadata (`dataset_info.json`, `features.json`) of a dataset of `num_examples` in
+  each split the pipeline reads (`input_pipeline.DATASETS[name].tfds_splits`) is
+  written into `data_dir` and mocked with `MockPolicy.USE_FILES`.
   TFDS' random records serve CIFAR-10 (the same ones for every split); ImageNet's are
   encoded JPEGs, which TFDS' mock encodes with TensorFlow, so they are made here with
   Pillow: random images of 5 to 50 pixels a side, the same for every split.
@@ -128,7 +125,7 @@ def mock_tfds(data_dir: str, name: str, num_examples: int, splits=None):
     tfds.core.SplitDict(
       [
         tfds.core.SplitInfo(name=split, shard_lengths=[num_examples], num_bytes=0)
-        for split in splits or MOCK_SPLITS[name]
+        for split in input_pipeline.DATASETS[name].tfds_splits.values()
       ]
     )
   )

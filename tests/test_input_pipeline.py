@@ -25,11 +25,6 @@ NUM_MOCK_EXAMPLES = 10
 Options = input_pipeline.DatasetOptions
 
 
-def _mock_tfds(data_dir: str, name: str):
-  splits = input_pipeline.DATASETS[name].tfds_splits.values()
-  return mock_tfds(data_dir, name, NUM_MOCK_EXAMPLES, splits)
-
-
 def _epoch(options, split='train', *, epoch=0, global_batch_size=4, num_local_devices=1, **kw):
   return list(
     input_pipeline.create_input_iter(
@@ -86,21 +81,21 @@ def test_no_tensorflow_is_imported():
   assert out.stdout.strip() == '[]'
 
 
-@pytest.mark.parametrize('cache', [True, False])
-def test_cifar10(tmp_path, cache):
-  options = Options('cifar10', data_dir=str(tmp_path), cache=cache)
-  with _mock_tfds(str(tmp_path), 'cifar10'):
+def _mocked_epochs(options, num_classes: int):
+  """The mocked `options.dataset` read in batches of 4 over 2 devices, after its info
+  and the shapes every split shares are checked: the train split's epoch 0 (read twice,
+  alike) and epoch 1, and the test split's real examples (read twice, alike)."""
+  with mock_tfds(options.data_dir, options.dataset, NUM_MOCK_EXAMPLES):
     info = input_pipeline.dataset_info(options)
     assert info == input_pipeline.DatasetInfo(
       num_train=NUM_MOCK_EXAMPLES,
       num_test=NUM_MOCK_EXAMPLES,
-      num_classes=10,
+      num_classes=num_classes,
       image_shape=(32, 32, 3),
     )
-    train = _epoch(options, global_batch_size=4, num_local_devices=2)
-    train_again = _epoch(options, global_batch_size=4, num_local_devices=2)
-    other_epoch = _epoch(options, epoch=1, global_batch_size=4, num_local_devices=2)
-    test = _epoch(options, 'test', global_batch_size=4, num_local_devices=2)
+    read = functools.partial(_epoch, options, global_batch_size=4, num_local_devices=2)
+    train, train_again, other_epoch = read(), read(), read(epoch=1)
+    test, test_again = read('test'), read('test')
 
   # 10 // 4 full batches, split over 2 devices.
   assert len(train) == 2
@@ -110,21 +105,27 @@ def test_cifar10(tmp_path, cache):
     assert batch['image'].dtype == np.float32
     assert batch['label'].shape == (2, 2)
     assert batch['label'].dtype == np.int32
-    # Pixels in [0, 1] minus a mean in [0, 1].
-    assert np.all(np.abs(batch['image']) <= 1.0)
   _assert_same(train, train_again)
-  assert not np.array_equal(_stack(train, 'image'), _stack(other_epoch, 'image'))
-
+  _assert_same(test, test_again)
   num_real = _check_test_batches(
     test, num_batches=3, num_local_devices=2, per_device=2, image_shape=(32, 32, 3)
   )
   assert num_real == NUM_MOCK_EXAMPLES
+  return train, other_epoch, {key: _stack(test, key)[:num_real] for key in ('image', 'label')}
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_cifar10(tmp_path, cache):
+  options = Options('cifar10', data_dir=str(tmp_path), cache=cache)
+  train, other_epoch, test = _mocked_epochs(options, num_classes=10)
+  # Pixels in [0, 1] minus a mean in [0, 1].
+  assert np.abs(_stack(train, 'image')).max() <= 1.0
+  assert not np.array_equal(_stack(train, 'image'), _stack(other_epoch, 'image'))
   # The mock serves the same examples as train and test split, so the test
   # images minus the training mean image average to zero at every pixel.
-  test_images = _stack(test, 'image')[:num_real]
-  np.testing.assert_allclose(test_images.mean(axis=0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(test['image'].mean(axis=0), 0.0, atol=1e-5)
   # Augmentation shifts and flips but never leaves the image's value range.
-  assert np.abs(_stack(train, 'image')).max() <= np.abs(test_images).max() + 1e-6
+  assert np.abs(_stack(train, 'image')).max() <= np.abs(test['image']).max() + 1e-6
 
 
 def test_cifar10_augmentation_is_a_nearest_fill_shift_and_flip():
@@ -225,42 +226,14 @@ def test_imagenet_preprocessing_on_fixed_images():
 
 def test_imagenet2012(tmp_path):
   options = Options('imagenet2012', data_dir=str(tmp_path), image_size=32)
-  with _mock_tfds(str(tmp_path), 'imagenet2012'):
-    info = input_pipeline.dataset_info(options)
-    assert info == input_pipeline.DatasetInfo(
-      num_train=NUM_MOCK_EXAMPLES,
-      num_test=NUM_MOCK_EXAMPLES,
-      num_classes=1000,
-      image_shape=(32, 32, 3),
-    )
-    # The mock's JPEGs are 5 to 50 pixels a side, so crops are both up- and
-    # down-sampled.
-    train = _epoch(options, global_batch_size=4, num_local_devices=2)
-    train_again = _epoch(options, global_batch_size=4, num_local_devices=2)
-    other_epoch = _epoch(options, epoch=1, global_batch_size=4, num_local_devices=2)
-    test = _epoch(options, 'test', global_batch_size=4, num_local_devices=2)
-    test_again = _epoch(options, 'test', global_batch_size=4, num_local_devices=2)
-
-  assert len(train) == 2
-  for batch in train:
-    assert batch['image'].shape == (2, 2, 32, 32, 3)
-    assert batch['image'].dtype == np.float32
-    assert batch['label'].shape == (2, 2)
-    assert batch['label'].dtype == np.int32
-    assert np.all(np.isfinite(batch['image']))
-  _assert_same(train, train_again)
+  # The mock's JPEGs are 5 to 50 pixels a side, so crops are both up- and down-sampled.
+  train, other_epoch, test = _mocked_epochs(options, num_classes=1000)
+  assert np.all(np.isfinite(_stack(train, 'image')))
   assert not np.array_equal(_stack(train, 'label'), _stack(other_epoch, 'label'))
-
-  num_real = _check_test_batches(
-    test, num_batches=3, num_local_devices=2, per_device=2, image_shape=(32, 32, 3)
-  )
-  assert num_real == NUM_MOCK_EXAMPLES
-  np.testing.assert_array_equal(_stack(test, 'label')[:num_real], np.arange(NUM_MOCK_EXAMPLES))
-  _assert_same(test, test_again)
+  np.testing.assert_array_equal(test['label'], np.arange(NUM_MOCK_EXAMPLES))
   # Normalized with the ImageNet statistics: roughly centred, unit scale.
-  test_images = _stack(test, 'image')[:num_real]
-  assert -2.2 < test_images.mean() < 2.7
-  assert np.abs(test_images).max() < 4.0
+  assert -2.2 < test['image'].mean() < 2.7
+  assert np.abs(test['image']).max() < 4.0
 
 
 @pytest.mark.parametrize('name', ['cifar10', 'imagenet2012'])
@@ -468,7 +441,7 @@ def test_the_global_batches_do_not_depend_on_the_process_count(tmp_path):
   # CIFAR-10's augmentation included: each example's shift and flip are keyed by its
   # position in the epoch, not by the process that reads it.
   options = Options('cifar10', data_dir=str(tmp_path))
-  with _mock_tfds(str(tmp_path), 'cifar10'):
+  with mock_tfds(str(tmp_path), 'cifar10', NUM_MOCK_EXAMPLES):
     one = _process_batches(options, processes=1, devices_per_process=8)
     two = _process_batches(options, processes=2, devices_per_process=4)
     eight = _process_batches(options, processes=8, devices_per_process=1)
@@ -587,7 +560,7 @@ def test_batches_are_pinned(tmp_path):
     'synthetic_train': digest(synthetic('train', epoch=2, num_steps=6)),
     'synthetic_test': digest(synthetic('test', num_steps=1)),
   }
-  with _mock_tfds(str(tmp_path), 'cifar10'):
+  with mock_tfds(str(tmp_path), 'cifar10', NUM_MOCK_EXAMPLES):
     digests['cifar10_train'] = digest(cifar10('train', epoch=1))
     digests['cifar10_test'] = digest(cifar10('test'))
   assert digests == PINNED_BATCHES

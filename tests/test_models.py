@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from examples import models
-from examples.train import regularization
+from examples.optimizers import regularization
 
 
 def _abstract_variables(name, num_classes, shape, dtype=jnp.float32):

@@ -34,6 +34,7 @@ from examples import (
   schema,
   tasks,
   train,
+  train_state,
   workdir,
 )
 from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
@@ -349,10 +350,10 @@ def test_ema_follows_tensorflow_with_num_updates():
     n = step + 1
     rate = min(0.9999, (1 + n) / (10 + n))
     average = rate * average + (1 - rate) * weight
-    ema = train.update_ema(ema, {'w': weight}, jnp.int32(step), 0.9999)
+    ema = train_state.update_ema(ema, {'w': weight}, jnp.int32(step), 0.9999)
     np.testing.assert_allclose(ema['w'], average, rtol=1e-6)
   # Late in a run the rate is the decay itself.
-  late = train.update_ema({'w': jnp.float32(1.0)}, {'w': 0.0}, jnp.int32(10**6), 0.9999)
+  late = train_state.update_ema({'w': jnp.float32(1.0)}, {'w': 0.0}, jnp.int32(10**6), 0.9999)
   np.testing.assert_allclose(late['w'], 0.9999, rtol=1e-6)
 
 
@@ -402,7 +403,7 @@ def test_eval_uses_the_moving_averages_and_logs_the_training_set_loss(tmp_path, 
   assert abs(_inference_loss(resolved, raw, 'test')[0] - test_loss) > 1e-4
   # The training set's objective, in inference mode, with the averages and their penalty.
   train_loss, train_accuracy = _inference_loss(resolved, state.ema, 'train')
-  penalty = train.regularization(state.ema['params'], weight_decay=1e-2)
+  penalty = optimizers.regularization(state.ema['params'], weight_decay=1e-2)
   np.testing.assert_allclose(row['eval_train_loss'], train_loss + float(penalty), rtol=1e-5)
   np.testing.assert_allclose(row['eval_train_accuracy'], train_accuracy)
 
@@ -415,11 +416,11 @@ def test_regularization_decays_all_but_batch_norm():
   }
   # weight_decay / 2 * sum(w**2) over conv1, hidden's kernel and bias: not bn1.
   np.testing.assert_allclose(
-    train.regularization(params, weight_decay=0.1), 0.05 * (18 * 4 + 6 + 3), rtol=1e-6
+    optimizers.regularization(params, weight_decay=0.1), 0.05 * (18 * 4 + 6 + 3), rtol=1e-6
   )
   # Keras' l2 on the convolution kernels alone.
   np.testing.assert_allclose(
-    train.regularization(params, l2_regularization=0.01), 0.01 * 18 * 4, rtol=1e-6
+    optimizers.regularization(params, l2_regularization=0.01), 0.01 * 18 * 4, rtol=1e-6
   )
 
 
@@ -441,7 +442,7 @@ def test_metropolis_judges_the_objective_the_optimizer_descends():
   config = schema.resolve_config(short_digits())
   task = tasks.create_task(config)
   model = task.create_model()
-  state = train.create_train_state(jax.random.PRNGKey(0), model, task.init_inputs(model), tx)
+  state = train_state.create_train_state(jax.random.PRNGKey(0), model, task.init_inputs(model), tx)
   batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), _random_batch(0))
   step = functools.partial(
     train.train_step, task=task, model=model, l2_regularization=1e-2, weight_decay=0.3

@@ -21,6 +21,7 @@ from examples import (
   tasks,
   text_pipeline,
   train,
+  train_state,
   workdir,
 )
 from examples.configs import lstm_lm
@@ -134,7 +135,7 @@ def test_weight_decay_is_added_to_the_clipped_gradient(tmp_path):
   task = tasks.create_task(resolved)
   model = task.create_model()
   tx, _ = optimizers.create_optimizer(resolved, 1)
-  initial = train.create_train_state(
+  initial = train_state.create_train_state(
     jax.random.PRNGKey(resolved.seed),
     model,
     task.init_inputs(model),
