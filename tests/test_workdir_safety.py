@@ -26,6 +26,7 @@ from examples import (
   lr_find,
   optimizers,
   schema,
+  tasks,
   train,
   workdir,
 )
@@ -257,6 +258,7 @@ def test_skipped_stretch_counts_across_whole_skipped_epochs():
     },
     2,
     1.0,
+    tasks.ImageClassification.scores,
   )
   assert '3 steps skipped (non-finite)' in line
 
