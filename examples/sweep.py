@@ -25,7 +25,8 @@ The workdir receives sweep.json (per optimizer: `selected`, `test_accuracy_mean`
 `test_accuracy_std`, `num_seeds`, `train_loss_mean`, `grid` with every setting's
 numbers), sweep.md (the table), heatmap.png (CoolMomentum's learning rate x rho_0, mean
 validation and test accuracy, diverged cells marked 'div') and curves.png (each
-optimizer's chosen setting, mean over seeds with a band of one standard deviation).
+optimizer's chosen setting, mean over seeds with a band of one standard deviation), and
+TensorBoard event files per run in <optimizer>/<run_name>/ (`tensorboard --logdir WORKDIR`).
 
 Only image classifiers on data sets held in memory (digits, synthetic) are swept.
 """
@@ -49,7 +50,7 @@ import optax
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from examples import compare, input_pipeline, optimizers, schema, tasks, train
+from examples import compare, input_pipeline, logs, optimizers, schema, tasks, train
 from examples import main as trainer_main
 
 FLAGS = flags.FLAGS
@@ -60,6 +61,10 @@ flags.DEFINE_float('rate_span', 30.0, 'Ratio of the largest to the smallest lear
 flags.DEFINE_list('rho_0s', ['0.9', '0.99', '0.999'], "CoolMomentum's rho_0 values.")
 flags.DEFINE_float(
   'validation_fraction', 0.15, 'Fraction of the training split held out for selection.'
+)
+
+flags.DEFINE_integer(
+  'runs_per_vmap', 0, 'Runs a device steps at once (0: all its runs in one vmap).'
 )
 
 RUN_AXIS = 'runs'
@@ -253,12 +258,26 @@ class Program:
   replicated: NamedSharding
 
 
-def build_program(config: ml_collections.ConfigDict, task: tasks.Task, model=None) -> Program:
+def build_program(
+  config: ml_collections.ConfigDict,
+  task: tasks.Task,
+  model=None,
+  *,
+  runs_per_vmap: int | None = None,
+) -> Program:
   """The steps of `config`'s optimizer over a leading run axis, sharded over the devices.
+
+  With `runs_per_vmap`, each device steps its runs that many at a time (`jax.lax.map`
+  with that batch size: one vmapped group after another inside the one program), not all
+  at once: XLA's CPU backend runs a vmapped convolution (a grouped one) slower per image
+  than the convolution of one run, so on CPU 1 is fastest per step (see
+  docs/benchmarks.md). None: all the device's runs in one vmap.
 
   Raises:
     ValueError: if the model cannot run under `jax.vmap`, naming the cause.
   """
+  if runs_per_vmap is not None and runs_per_vmap < 1:
+    raise ValueError(f'runs_per_vmap must be a positive number of runs, got {runs_per_vmap}.')
   model = model or task.create_model()
   inputs = task.init_inputs(model)
   step = functools.partial(
@@ -306,8 +325,21 @@ def build_program(config: ml_collections.ConfigDict, task: tasks.Task, model=Non
     # sharding left to propagation through the vmapped convolutions would gather them.
     runs, shared = PartitionSpec(RUN_AXIS), PartitionSpec()
     specs = tuple(runs if mapped else shared for mapped in in_specs)
+    if runs_per_vmap is None:
+      local = jax.vmap(fn, in_axes=tuple(0 if m else None for m in in_specs))
+    else:
+
+      def local(*args):
+        mapped = tuple(a for a, m in zip(args, in_specs, strict=True) if m)
+
+        def one(xs):
+          it = iter(xs)
+          return fn(*(next(it) if m else a for a, m in zip(args, in_specs, strict=True)))
+
+        return jax.lax.map(one, mapped, batch_size=runs_per_vmap)
+
     return jax.shard_map(
-      jax.vmap(fn, in_axes=tuple(0 if m else None for m in in_specs)),
+      local,
       mesh=mesh,
       in_specs=specs,
       out_specs=runs,
@@ -409,11 +441,14 @@ def train_runs(
   *,
   validation_fraction: float = 0.15,
   model=None,
+  verbose: bool = False,
+  runs_per_vmap: int | None = None,
 ) -> Runs:
   """Trains `settings x seeds` runs of the (unresolved) `config`'s optimizer together.
 
   The runs train on the training split less its last `validation_fraction`, are
-  evaluated on that held-out part ('validation') and on the test split after every epoch.
+  evaluated on that held-out part ('validation') and on the test split after every epoch;
+  with `verbose`, a line is printed per epoch.
   """
   if not settings:
     raise ValueError('settings must hold at least one setting to train, got none.')
@@ -437,7 +472,7 @@ def train_runs(
   resolved.steps_per_epoch = config.steps_per_epoch
   resolved.steps_per_epoch = tasks.create_task(resolved).steps_per_epoch()
   fit = [tasks.create_task(_seed_config(resolved, s)) for s in seeds]
-  program = build_program(resolved, fit[0], model)
+  program = build_program(resolved, fit[0], model, runs_per_vmap=runs_per_vmap)
 
   runs = [(setting, i) for setting in settings for i in range(len(seeds))]
   num_devices = jax.device_count()
@@ -479,6 +514,14 @@ def train_runs(
     test = _evaluate(program, states, test_task)
     val_acc[:, epoch], val_loss[:, epoch] = validation['accuracy'], validation['loss']
     test_acc[:, epoch], test_loss[:, epoch] = test['accuracy'], test['loss']
+    if verbose and jax.process_index() == 0:
+      print(
+        f'{resolved.optimizer} epoch {epoch + 1}/{epochs}: {len(runs)} runs, validation '
+        f'accuracy best {np.nanmax(val_acc[: len(runs), epoch]):.2%}, median '
+        f'{np.nanmedian(val_acc[: len(runs), epoch]):.2%}, '
+        f'{time.perf_counter() - start:.1f}s',
+        flush=True,
+      )
   jax.block_until_ready(states)
   n = len(runs)
   return Runs(
@@ -650,6 +693,29 @@ def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> No
   plt.close(fig)
 
 
+def run_name(setting: Setting, seed: int) -> str:
+  """The directory of a run's TensorBoard event files, e.g. 'lr0.01_rho0.99_seed0'."""
+  rho = '' if setting.rho_0 is None else f'_rho{setting.rho_0:g}'
+  return f'lr{setting.learning_rate:.3g}{rho}_seed{seed}'
+
+
+def write_tensorboard(directory: str, runs: Runs, steps_per_epoch: int) -> None:
+  """Per run, into `directory/run_name(...)`: the loss of every step (`step/loss`) and
+  an epoch row (`epoch/<field>`) as the trainer writes them."""
+  for i, (setting, seed) in enumerate(zip(runs.settings, runs.seeds, strict=True)):
+    writer = logs.create_writer(os.path.join(directory, run_name(setting, seed)))
+    for step, loss in enumerate(runs.step_loss[i], start=1):
+      logs.write_step(writer, step, {'loss': _finite_or_none(loss)})
+    for epoch in range(runs.train_loss.shape[1]):
+      row = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch}
+      for key in ('train_loss', 'validation_accuracy', 'validation_loss', 'test_accuracy'):
+        value = _finite_or_none(getattr(runs, key)[i, epoch])
+        if value is not None:
+          row[key] = value
+      logs.write_epoch(writer, row)
+    writer.close()
+
+
 def sweep(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -657,6 +723,8 @@ def sweep(
   grid: Grid,
   *,
   validation_fraction: float = 0.15,
+  verbose: bool = False,
+  runs_per_vmap: int | None = None,
 ) -> dict[str, dict[str, Any]]:
   """Sweeps each of `optimizer_names` over `grid` and writes the sweep's files.
 
@@ -675,8 +743,18 @@ def sweep(
   for name, name_config in configs.items():
     resolved = schema.resolve_config(name_config)
     settings = settings_of(resolved, grid)
-    runs = train_runs(name_config, settings, grid.seeds, validation_fraction=validation_fraction)
+    runs = train_runs(
+      name_config,
+      settings,
+      grid.seeds,
+      validation_fraction=validation_fraction,
+      verbose=verbose,
+      runs_per_vmap=runs_per_vmap,
+    )
     results[name] = summarize(runs)
+    if jax.process_index() == 0:
+      steps_per_epoch = runs.step_loss.shape[1] // runs.train_loss.shape[1]
+      write_tensorboard(os.path.join(workdir, name), runs, steps_per_epoch)
     results[name]['images_per_sec'] = runs.images / runs.seconds
     selected = results[name]['selected']
     if selected is not None:
@@ -717,6 +795,8 @@ def main(argv: list[str]) -> None:
     FLAGS.optimizers,
     grid,
     validation_fraction=FLAGS.validation_fraction,
+    verbose=True,
+    runs_per_vmap=FLAGS.runs_per_vmap or None,
   )
   print(markdown_table(results))
 

@@ -49,15 +49,17 @@ def _one_at_a_time(config, setting, seed, validation_fraction):
   return np.array(losses)
 
 
-@pytest.mark.parametrize('optimizer', ['coolmomentum', 'sgd_sa'])
-def test_vmapped_runs_equal_runs_one_at_a_time(optimizer):
+@pytest.mark.parametrize(('optimizer', 'runs_per_vmap'), [('coolmomentum', None), ('sgd_sa', 2)])
+def test_vmapped_runs_equal_runs_one_at_a_time(optimizer, runs_per_vmap):
   config = _config(optimizer)
   resolved = schema.resolve_config(config)
   center = sweep.recipe_rate(resolved)
   rho = 0.9 if optimizer == 'coolmomentum' else None
   settings = [sweep.Setting(center * 3.0, rho), sweep.Setting(center, 0.99 if rho else None)]
   seeds = [0, 5]
-  runs = sweep.train_runs(config, settings, seeds, validation_fraction=0.2)
+  runs = sweep.train_runs(
+    config, settings, seeds, validation_fraction=0.2, runs_per_vmap=runs_per_vmap
+  )
   assert runs.step_loss.shape == (4, 4)
   for i, (setting, seed) in enumerate(zip(runs.settings, runs.seeds, strict=True)):
     expected = _one_at_a_time(config, setting, seed, 0.2)
@@ -97,6 +99,8 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     assert key in stored
   assert os.path.exists(tmp_path / 'clean' / sweep.SWEEP_MD)
   assert os.path.exists(tmp_path / 'clean' / sweep.CURVES_PNG)
+  # TensorBoard event files per run: three rates, one seed.
+  assert len(os.listdir(tmp_path / 'clean' / 'momentum')) == 3
 
 
 def test_diverged_settings_are_marked_and_never_selected():
