@@ -1,0 +1,805 @@
+"""A tuned comparison: each optimizer at its best setting on a validation split, over seeds.
+
+  python -m examples.sweep --config examples/configs/digits.py --workdir /tmp/sweep \
+    [--optimizers coolmomentum,momentum,adam,sgd_sa] [--seeds 3] [--num_rates 5] \
+    [--rate_span 30] [--rho_0s 0.9,0.99,0.999] [--validation_fraction 0.15]
+
+For each optimizer of `--optimizers` (its recipe from `config.optimizers`, as
+examples.compare trains it), a grid of settings: `--num_rates` learning rates spaced
+geometrically over `--rate_span` times around the recipe's rate (for 'sgd_sa', which has
+no rate, a scale of its multipliers around 1), times `--rho_0s` for the CoolMomentum
+optimizers, times `--seeds` seeds. All the runs of one optimizer train together in one
+compiled program: the train state carries a leading run axis, the step is `jax.vmap`ped
+over it, and the run axis is sharded over the devices (`jax.jit` with a `NamedSharding`).
+Each run has its own hyperparameters (traced values inside the one program), its own
+initialisation, dropout and Metropolis keys (from its seed, as the trainer derives them)
+and its own batch order (that of its seed).
+
+Selection is honest: the last `--validation_fraction` of the training split (a fixed
+function of the data set, not of the seed) is held out; the runs train on the rest, and
+each optimizer's setting is the one of best mean validation accuracy over seeds among the
+settings none of whose runs diverged (a non-finite loss in the last epoch). The test split
+is only reported, at the chosen setting: mean and standard deviation over seeds.
+
+The workdir receives sweep.json (per optimizer: `selected`, `test_accuracy_mean`,
+`test_accuracy_std`, `num_seeds`, `train_loss_mean`, `grid` with every setting's
+numbers), sweep.md (the table), heatmap.png (CoolMomentum's learning rate x rho_0, mean
+validation and test accuracy, diverged cells marked 'div') and curves.png (each
+optimizer's chosen setting, mean over seeds with a band of one standard deviation), and
+TensorBoard event files per run in <optimizer>/<run_name>/ (`tensorboard --logdir WORKDIR`).
+
+Only image classifiers on data sets held in memory (digits, synthetic) are swept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from examples import compare, input_pipeline, logs, optimizers, schema, tasks, train
+from examples import main as trainer_main
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_integer('seeds', 3, 'Seeds per setting (config.seed, config.seed + 1, ...).')
+flags.DEFINE_integer('num_rates', 5, 'Learning rates per optimizer.')
+flags.DEFINE_float('rate_span', 30.0, 'Ratio of the largest to the smallest learning rate.')
+flags.DEFINE_list('rho_0s', ['0.9', '0.99', '0.999'], "CoolMomentum's rho_0 values.")
+flags.DEFINE_float(
+  'validation_fraction', 0.15, 'Fraction of the training split held out for selection.'
+)
+
+flags.DEFINE_integer(
+  'runs_per_vmap', 0, 'Runs a device steps at once, to hold fewer in memory (0: all in one vmap).'
+)
+
+RUN_AXIS = 'runs'
+DEFAULT_RHO_0S = (0.9, 0.99, 0.999)
+SWEEP_JSON, SWEEP_MD, HEATMAP_PNG, CURVES_PNG = (
+  'sweep.json',
+  'sweep.md',
+  'heatmap.png',
+  'curves.png',
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """What a sweep tries, for every optimizer.
+
+  Attributes:
+    rate_factors: multipliers of each optimizer's recipe rate (of 'sgd_sa''s multipliers).
+    rho_0s: the rho_0 values of the CoolMomentum optimizers.
+    seeds: the seeds of every setting.
+  """
+
+  rate_factors: tuple[float, ...]
+  rho_0s: tuple[float, ...] = DEFAULT_RHO_0S
+  seeds: tuple[int, ...] = (0, 1, 2)
+
+  def __post_init__(self):
+    _check_positive_values('rate_factors', self.rate_factors)
+    _check_positive_values('seeds', self.seeds, allow_zero=True, integer=True)
+    if not self.rho_0s or not all(0.0 <= float(r) < 1.0 for r in self.rho_0s):
+      raise ValueError(f'rho_0s must be a non-empty list of values in [0, 1), got {self.rho_0s!r}.')
+    if len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f'seeds must be distinct, got {self.seeds!r}.')
+
+
+def _check_positive_values(name, values, *, allow_zero=False, integer=False) -> None:
+  expected = 'non-negative integers' if integer else 'positive finite numbers'
+  if not values:
+    raise ValueError(f'{name} must be a non-empty list of {expected}, got {values!r}.')
+  for value in values:
+    bad = not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
+    if bad or (integer and int(value) != value):
+      raise ValueError(f'{name} must hold {expected}, got {name}={values!r}.')
+
+
+def make_grid(
+  *,
+  num_rates: int = 5,
+  rate_span: float = 30.0,
+  rho_0s: Sequence[float] = DEFAULT_RHO_0S,
+  num_seeds: int = 3,
+  first_seed: int = 0,
+) -> Grid:
+  """`num_rates` rate factors spaced geometrically over `rate_span` around 1, and
+  `num_seeds` seeds from `first_seed`.
+
+  Raises:
+    ValueError: naming the field, for a non-positive count or span, or an empty list.
+  """
+  if num_rates < 1:
+    raise ValueError(f'num_rates must be a positive number of learning rates, got {num_rates}.')
+  if not rate_span >= 1.0 or not math.isfinite(rate_span):
+    raise ValueError(f'rate_span must be a finite ratio >= 1, got rate_span={rate_span}.')
+  if num_seeds < 1:
+    raise ValueError(f'seeds must be a positive number of seeds, got seeds={num_seeds}.')
+  exponents = np.linspace(-0.5, 0.5, num_rates) if num_rates > 1 else np.zeros(1)
+  factors = tuple(float(rate_span**e) for e in exponents)
+  return Grid(
+    factors, tuple(float(r) for r in rho_0s), tuple(range(first_seed, first_seed + num_seeds))
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One point of an optimizer's grid: its learning rate (the multipliers' scale for
+  'sgd_sa') and rho_0 (None but for CoolMomentum)."""
+
+  learning_rate: float
+  rho_0: float | None
+
+  def label(self) -> str:
+    rho = '' if self.rho_0 is None else f', rho_0 {self.rho_0:g}'
+    return f'lr {self.learning_rate:.3g}{rho}'
+
+
+def recipe_rate(config: ml_collections.ConfigDict) -> float:
+  """The rate the grid spans around: the resolved recipe's learning rate, or 1 for
+  'sgd_sa' (its multipliers are scaled instead)."""
+  return 1.0 if config.optimizer == 'sgd_sa' else float(config.learning_rate)
+
+
+def settings_of(config: ml_collections.ConfigDict, grid: Grid) -> list[Setting]:
+  """The settings of the resolved `config`'s optimizer."""
+  center = recipe_rate(config)
+  rhos = grid.rho_0s if config.optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS else (None,)
+  return [Setting(center * f, rho) for f in grid.rate_factors for rho in rhos]
+
+
+# --------------------------------------------------------------------------------------------
+# The validation split
+
+
+def fit_dataset(dataset: str, validation_fraction: float) -> str:
+  """The name of a data set registered in `input_pipeline.DATASETS` whose 'train' split is
+  the first `1 - validation_fraction` of `dataset`'s and whose 'test' split is the rest:
+  the runs train on it and are selected on its 'test' split.
+
+  Raises:
+    ValueError: for a fraction outside (0, 1), or a data set not held in memory.
+  """
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(
+      f'validation_fraction must be in (0, 1), got validation_fraction={validation_fraction}.'
+    )
+  spec = input_pipeline.get_dataset(dataset)
+  if spec.arrays is None:
+    raise ValueError(
+      f'config.dataset={dataset!r} is read from TFDS; the sweep holds out a validation split '
+      'of data sets held in memory only (digits, synthetic).'
+    )
+  name = f'{dataset}:fit{validation_fraction:g}'
+
+  def arrays(options):
+    # Looked up at each call, so that the base data set is read as it is now.
+    base = input_pipeline.get_dataset(dataset).arrays(options)
+    images, labels = base['train']
+    cut = len(labels) - max(1, round(validation_fraction * len(labels)))
+    if cut < 1:
+      raise ValueError(
+        f'validation_fraction={validation_fraction} leaves no training examples of {dataset}.'
+      )
+    return {'train': (images[:cut], labels[:cut]), 'test': (images[cut:], labels[cut:])}
+
+  input_pipeline.DATASETS[name] = dataclasses.replace(spec, arrays=arrays)
+  return name
+
+
+# --------------------------------------------------------------------------------------------
+# Many runs in one program
+
+
+class _Overrides:
+  """`config` as `optimizers.create_optimizer` reads it, some fields replaced by traced
+  per-run values."""
+
+  def __init__(self, config: ml_collections.ConfigDict, **fields: Any):
+    self._config, self._fields = config, fields
+
+  def __getattr__(self, name: str) -> Any:
+    fields = self.__dict__['_fields']
+    return fields[name] if name in fields else getattr(self.__dict__['_config'], name)
+
+  def __getitem__(self, name: str) -> Any:
+    return self.__getattr__(name)
+
+
+def run_optimizer(config: ml_collections.ConfigDict, hparams: Mapping[str, jax.Array]):
+  """The optimizer of the resolved `config` at one run's traced `hparams`
+  (`learning_rate`, `rho_0`, `seed`), built as the trainer builds it."""
+  fields = {'seed': hparams['seed']}
+  if config.optimizer == 'sgd_sa':
+    tx, _ = optimizers.create_optimizer(_Overrides(config, **fields), config.steps_per_epoch)
+    # sgd_sa steps by multiplier x gradient: scaling the gradient scales the multipliers.
+    return optax.chain(optax.scale(hparams['learning_rate']), tx)
+  fields['learning_rate'] = hparams['learning_rate']
+  if config.optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS:
+    fields['rho_0'] = hparams['rho_0']
+  tx, _ = optimizers.create_optimizer(_Overrides(config, **fields), config.steps_per_epoch)
+  return tx
+
+
+@dataclasses.dataclass
+class Program:
+  """The compiled, vmapped steps of one optimizer's runs.
+
+  Attributes:
+    init: `init(hparams) -> states`, the initial train states of all runs.
+    train_step: `train_step(hparams, states, batches) -> (states, metrics)`; `batches`
+      holds one batch per seed, each run reading that of `hparams['seed_index']`.
+    eval_step: `eval_step(states, batch) -> sums` per run, of one evaluation batch.
+  """
+
+  init: Any
+  train_step: Any
+  eval_step: Any
+  sharding: NamedSharding
+  replicated: NamedSharding
+
+
+def build_program(
+  config: ml_collections.ConfigDict,
+  task: tasks.Task,
+  model=None,
+  *,
+  runs_per_vmap: int | None = None,
+) -> Program:
+  """The steps of `config`'s optimizer over a leading run axis, sharded over the devices.
+
+  With `runs_per_vmap`, each device steps its runs that many at a time (`jax.lax.map`
+  with that batch size: one vmapped group after another inside the one program), not all
+  at once, which holds fewer runs' activations at once. It is no faster: on this CPU,
+  one run at a time inside the program measured 0.17x the steady speed of all 16 runs in
+  one vmap (see docs/benchmarks.md). None: all the device's runs in one vmap.
+
+  Raises:
+    ValueError: if the model cannot run under `jax.vmap`, naming the cause.
+  """
+  if runs_per_vmap is not None and runs_per_vmap < 1:
+    raise ValueError(f'runs_per_vmap must be a positive number of runs, got {runs_per_vmap}.')
+  model = model or task.create_model()
+  inputs = task.init_inputs(model)
+  step = functools.partial(
+    train.train_step,
+    task=task,
+    model=model,
+    l2_regularization=config.l2_regularization,
+    weight_decay=config.weight_decay,
+    decay_gradient=not optimizers.decays_after_clipping(config),
+    ema_decay=config.ema_decay,
+  )
+
+  def init_one(hparams):
+    # As train.create_train_state, with the run's seed traced.
+    rng = jax.random.PRNGKey(hparams['seed'])
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init({'params': params_rng}, *inputs, train=False)
+    tx = run_optimizer(config, hparams)
+    state = train.TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=variables['params'],
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(variables['params']),
+      rng=dropout_rng,
+      tx=None,
+    )
+    if config.ema_decay > 0:
+      state = state.replace(ema={'params': state.params, 'batch_stats': state.batch_stats})
+    return state
+
+  def train_one(hparams, state, batches):
+    batch = jax.tree.map(lambda x: x[hparams['seed_index']], batches)
+    state, metrics = step(state.replace(tx=run_optimizer(config, hparams)), batch)
+    return state.replace(tx=None), metrics
+
+  def eval_one(state, batch):
+    return task.eval_step(state, batch, model=model)
+
+  mesh = Mesh(np.array(jax.devices()), (RUN_AXIS,))
+  sharding = NamedSharding(mesh, PartitionSpec(RUN_AXIS))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def per_device(fn, in_specs):
+    # Each device trains its own block of runs: the runs never exchange anything, and a
+    # sharding left to propagation through the vmapped convolutions would gather them.
+    runs, shared = PartitionSpec(RUN_AXIS), PartitionSpec()
+    specs = tuple(runs if mapped else shared for mapped in in_specs)
+    if runs_per_vmap is None:
+      local = jax.vmap(fn, in_axes=tuple(0 if m else None for m in in_specs))
+    else:
+
+      def local(*args):
+        mapped = tuple(a for a, m in zip(args, in_specs, strict=True) if m)
+
+        def one(xs):
+          it = iter(xs)
+          return fn(*(next(it) if m else a for a, m in zip(args, in_specs, strict=True)))
+
+        return jax.lax.map(one, mapped, batch_size=runs_per_vmap)
+
+    return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=specs,
+      out_specs=runs,
+    )
+
+  init = jax.jit(per_device(init_one, (True,)), out_shardings=sharding)
+  train_step = jax.jit(
+    per_device(train_one, (True, True, False)), out_shardings=sharding, donate_argnums=1
+  )
+  eval_step = jax.jit(per_device(eval_one, (True, False)), out_shardings=sharding)
+  program = Program(init, train_step, eval_step, sharding, replicated)
+  _check_vmappable(program, task, config)
+  return program
+
+
+def _check_vmappable(program: Program, task: tasks.Task, config) -> None:
+  """Traces the steps for two runs without compiling them; a model that needs a named
+  axis (a BatchNorm with an `axis_name`) fails here with the cause."""
+  hparams = _abstract_hparams(jax.device_count())
+  try:
+    states = jax.eval_shape(program.init, hparams)
+    batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
+    )
+    jax.eval_shape(program.train_step, hparams, states, batch)
+  except NameError as error:
+    raise ValueError(
+      f'The model of config.model={config.model!r} cannot train under jax.vmap over the '
+      f'runs: it reads a named axis that the sweep does not bind ({error}). A BatchNorm '
+      "with an axis_name (the pmap trainer's) averages over devices; build the model "
+      'without one (config.parallelism="jit").'
+    ) from error
+
+
+def _abstract_hparams(num_runs: int) -> dict[str, jax.ShapeDtypeStruct]:
+  return {
+    'learning_rate': jax.ShapeDtypeStruct((num_runs,), jnp.float32),
+    'rho_0': jax.ShapeDtypeStruct((num_runs,), jnp.float32),
+    'seed': jax.ShapeDtypeStruct((num_runs,), jnp.uint32),
+    'seed_index': jax.ShapeDtypeStruct((num_runs,), jnp.int32),
+  }
+
+
+# --------------------------------------------------------------------------------------------
+# Training an optimizer's runs
+
+
+@dataclasses.dataclass
+class Runs:
+  """The per-run results of one optimizer's sweep, arrays of leading size the runs.
+
+  Attributes:
+    settings: the setting of each run.
+    seeds: the seed of each run.
+    train_loss: [runs, epochs] mean training loss of each epoch (finite steps).
+    skipped: [runs, epochs] steps skipped as non-finite.
+    validation_accuracy, validation_loss, test_accuracy, test_loss: [runs, epochs].
+    step_loss: [runs, steps] the loss of every step.
+    seconds: the sweep's wall time, compilation included.
+    images: images trained on, all runs together.
+  """
+
+  settings: list[Setting]
+  seeds: list[int]
+  train_loss: np.ndarray
+  skipped: np.ndarray
+  validation_accuracy: np.ndarray
+  validation_loss: np.ndarray
+  test_accuracy: np.ndarray
+  test_loss: np.ndarray
+  step_loss: np.ndarray
+  seconds: float
+  images: int
+
+
+def _seed_config(config, seed, dataset=None):
+  seed_config = config.copy_and_resolve_references()
+  seed_config.seed = int(seed)
+  if dataset is not None:
+    seed_config.dataset = dataset
+  return seed_config
+
+
+def _evaluate(program, states, task) -> dict[str, np.ndarray]:
+  totals = None
+  for batch in task._eval_batches('test'):
+    batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+    sums = program.eval_step(states, jax.device_put(batch, program.replicated))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = np.maximum(totals['count'], 1.0)
+  return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count}
+
+
+def train_runs(
+  config: ml_collections.ConfigDict,
+  settings: Sequence[Setting],
+  seeds: Sequence[int],
+  *,
+  validation_fraction: float = 0.15,
+  model=None,
+  verbose: bool = False,
+  runs_per_vmap: int | None = None,
+) -> Runs:
+  """Trains `settings x seeds` runs of the (unresolved) `config`'s optimizer together.
+
+  The runs train on the training split less its last `validation_fraction`, are
+  evaluated on that held-out part ('validation') and on the test split after every epoch;
+  with `verbose`, a line is printed per epoch.
+  """
+  if not settings:
+    raise ValueError('settings must hold at least one setting to train, got none.')
+  if not seeds:
+    raise ValueError('seeds must hold at least one seed, got none.')
+  start = time.perf_counter()
+  test_config, test_task = train.prepare(_seed_config(config, seeds[0]))
+  if not isinstance(test_task, tasks.ImageClassification):
+    raise ValueError(
+      f'config.model={config.model!r} is not an image classifier: the sweep trains image '
+      'classifiers only.'
+    )
+  if test_config.parallelism != 'jit':
+    raise ValueError(
+      f'config.parallelism must be "jit" for a sweep (the runs are sharded with jit), got '
+      f'{test_config.parallelism!r}.'
+    )
+  dataset = fit_dataset(test_config.dataset, validation_fraction)
+  # The epoch of the held-out-less split: the config's steps if it sets them, else its own.
+  resolved = _seed_config(test_config, seeds[0], dataset)
+  resolved.steps_per_epoch = config.steps_per_epoch
+  resolved.steps_per_epoch = tasks.create_task(resolved).steps_per_epoch()
+  fit = [tasks.create_task(_seed_config(resolved, s)) for s in seeds]
+  program = build_program(resolved, fit[0], model, runs_per_vmap=runs_per_vmap)
+
+  runs = [(setting, i) for setting in settings for i in range(len(seeds))]
+  num_devices = jax.device_count()
+  padded = runs + [runs[-1]] * (-len(runs) % num_devices)
+  hparams = {
+    'learning_rate': np.array([s.learning_rate for s, _ in padded], np.float32),
+    'rho_0': np.array([s.rho_0 if s.rho_0 is not None else 0.0 for s, _ in padded], np.float32),
+    'seed': np.array([seeds[i] for _, i in padded], np.uint32),
+    'seed_index': np.array([i for _, i in padded], np.int32),
+  }
+  hparams = jax.device_put(hparams, program.sharding)
+  states = program.init(hparams)
+
+  epochs, steps = resolved.num_epochs, resolved.steps_per_epoch
+  shape = (len(padded), epochs)
+  train_loss, skipped = np.zeros(shape), np.zeros(shape)
+  val_acc, val_loss, test_acc, test_loss = (np.zeros(shape) for _ in range(4))
+  step_loss = np.zeros((len(padded), epochs * steps))
+  for epoch in range(epochs):
+    iterators = [t.train_batches(epoch) for t in fit]
+    pending = []
+    for _ in range(steps):
+      # The pipeline splits a batch over the local devices; the runs share each one whole.
+      batches = jax.tree.map(
+        lambda *xs: np.stack([x.reshape(-1, *x.shape[2:]) for x in xs]),
+        *[next(it) for it in iterators],
+      )
+      states, metrics = program.train_step(
+        hparams, states, jax.device_put(batches, program.replicated)
+      )
+      pending.append((metrics['loss'], metrics['skipped']))
+    losses, skips = map(np.stack, zip(*jax.device_get(pending), strict=True))  # [steps, runs]
+    step_loss[:, epoch * steps : (epoch + 1) * steps] = losses.T
+    finite = np.where(skips.T > 0, np.nan, losses.T)
+    with np.errstate(all='ignore'):
+      train_loss[:, epoch] = np.nanmean(np.where(np.isfinite(finite), finite, np.nan), axis=1)
+    skipped[:, epoch] = skips.sum(axis=0)
+    validation = _evaluate(program, states, fit[0])
+    test = _evaluate(program, states, test_task)
+    val_acc[:, epoch], val_loss[:, epoch] = validation['accuracy'], validation['loss']
+    test_acc[:, epoch], test_loss[:, epoch] = test['accuracy'], test['loss']
+    if verbose and jax.process_index() == 0:
+      print(
+        f'{resolved.optimizer} epoch {epoch + 1}/{epochs}: {len(runs)} runs, validation '
+        f'accuracy best {np.nanmax(val_acc[: len(runs), epoch]):.2%}, median '
+        f'{np.nanmedian(val_acc[: len(runs), epoch]):.2%}, '
+        f'{time.perf_counter() - start:.1f}s',
+        flush=True,
+      )
+  jax.block_until_ready(states)
+  n = len(runs)
+  return Runs(
+    settings=[s for s, _ in runs],
+    seeds=[seeds[i] for _, i in runs],
+    train_loss=train_loss[:n],
+    skipped=skipped[:n],
+    validation_accuracy=val_acc[:n],
+    validation_loss=val_loss[:n],
+    test_accuracy=test_acc[:n],
+    test_loss=test_loss[:n],
+    step_loss=step_loss[:n],
+    seconds=time.perf_counter() - start,
+    images=n * epochs * steps * resolved.batch_size,
+  )
+
+
+# --------------------------------------------------------------------------------------------
+# Selection and the report
+
+
+def _finite_or_none(value: float) -> float | None:
+  return float(value) if np.isfinite(value) else None
+
+
+def diverged(runs: Runs) -> np.ndarray:
+  """Per run: a step of its last epoch was skipped as non-finite, or its final
+  validation loss is not finite."""
+  return (runs.skipped[:, -1] > 0) | ~np.isfinite(runs.validation_loss[:, -1])
+
+
+def summarize(runs: Runs) -> dict[str, Any]:
+  """The sweep entry of one optimizer: every setting's numbers (means and standard
+  deviations over seeds of the final epoch) and the setting chosen by mean validation
+  accuracy (then validation loss) among those none of whose runs diverged. Only the
+  validation numbers are read to choose."""
+  div = diverged(runs)
+  grid = []
+  for setting in dict.fromkeys(runs.settings):
+    rows = [i for i, s in enumerate(runs.settings) if s == setting]
+
+    def stats(values, rows=rows):
+      values = values[rows, -1]
+      return _finite_or_none(np.mean(values)), _finite_or_none(np.std(values))
+
+    entry = {'learning_rate': setting.learning_rate, 'rho_0': setting.rho_0}
+    entry['diverged'] = bool(div[rows].any())
+    for key in ('validation_accuracy', 'validation_loss', 'test_accuracy', 'train_loss'):
+      entry[f'{key}_mean'], entry[f'{key}_std'] = stats(getattr(runs, key))
+    entry['num_seeds'] = len(rows)
+    grid.append(entry)
+  candidates = [
+    i for i, e in enumerate(grid) if not e['diverged'] and e['validation_accuracy_mean'] is not None
+  ]
+  result: dict[str, Any] = {'selected': None, 'grid': grid, 'seconds': runs.seconds}
+  if candidates:
+    best = max(
+      candidates,
+      key=lambda i: (grid[i]['validation_accuracy_mean'], -(grid[i]['validation_loss_mean'] or 0)),
+    )
+    chosen = grid[best]
+    result['selected'] = {'learning_rate': chosen['learning_rate'], 'rho_0': chosen['rho_0']}
+    result['validation_accuracy_mean'] = chosen['validation_accuracy_mean']
+    result['test_accuracy_mean'] = chosen['test_accuracy_mean']
+    result['test_accuracy_std'] = chosen['test_accuracy_std']
+    result['num_seeds'] = chosen['num_seeds']
+    result['train_loss_mean'] = chosen['train_loss_mean']
+  else:
+    result.update(
+      validation_accuracy_mean=None,
+      test_accuracy_mean=None,
+      test_accuracy_std=None,
+      num_seeds=0,
+      train_loss_mean=None,
+    )
+  return result
+
+
+def _percent(mean, std=None) -> str:
+  if mean is None:
+    return '-'
+  return f'{mean:.2%}' if std is None else f'{100 * mean:.2f} ± {100 * std:.2f}%'
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+  """A row per optimizer: its chosen setting, validation and test accuracy, final
+  training loss, seeds, settings tried (diverged ones) and seconds."""
+  lines = [
+    '| optimizer | selected | validation accuracy | test accuracy (mean ± std) | seeds '
+    '| final train loss | settings (diverged) | seconds |',
+    '|---|---|---:|---:|---:|---:|---:|---:|',
+  ]
+  for name, r in results.items():
+    selected = r['selected']
+    label = Setting(**selected).label() if selected else 'all diverged'
+    loss = '-' if r['train_loss_mean'] is None else f'{r["train_loss_mean"]:.4f}'
+    div = sum(e['diverged'] for e in r['grid'])
+    lines.append(
+      f'| {name} | {label} | {_percent(r["validation_accuracy_mean"])} '
+      f'| {_percent(r["test_accuracy_mean"], r["test_accuracy_std"])} | {r["num_seeds"]} '
+      f'| {loss} | {len(r["grid"])} ({div}) | {r["seconds"]:.1f} |'
+    )
+  return '\n'.join(lines) + '\n'
+
+
+def plot_heatmap(result: Mapping[str, Any], path: str, title: str) -> None:
+  """CoolMomentum's learning rate x rho_0 grid: mean validation and test accuracy, the
+  diverged cells marked 'div' (as the paper's Table 2)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  grid = result['grid']
+  rates = sorted({e['learning_rate'] for e in grid})
+  rhos = sorted({e['rho_0'] for e in grid})
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.2 + 0.4 * len(rhos)))
+  for ax, key, label in zip(
+    axes, ('validation_accuracy_mean', 'test_accuracy_mean'), ('validation', 'test'), strict=True
+  ):
+    values = np.full((len(rhos), len(rates)), np.nan)
+    for e in grid:
+      i, j = rhos.index(e['rho_0']), rates.index(e['learning_rate'])
+      if not e['diverged'] and e[key] is not None:
+        values[i, j] = e[key]
+    image = ax.imshow(values, cmap='viridis', aspect='auto', origin='lower')
+    for e in grid:
+      i, j = rhos.index(e['rho_0']), rates.index(e['learning_rate'])
+      text = 'div' if e['diverged'] or e[key] is None else f'{100 * e[key]:.1f}'
+      ax.text(j, i, text, ha='center', va='center', color='w' if text == 'div' else 'k')
+    ax.set_xticks(range(len(rates)), [f'{r:.3g}' for r in rates])
+    ax.set_yticks(range(len(rhos)), [f'{r:g}' for r in rhos])
+    ax.set_xlabel('learning rate')
+    ax.set_ylabel('rho_0')
+    ax.set_title(f'{title}: mean {label} accuracy (%)')
+    fig.colorbar(image, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
+  """Per optimizer at its chosen setting: training loss per step and validation and test
+  accuracy per epoch, the mean over seeds with a band of one standard deviation."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  panels = (
+    ('step_loss', 'training loss (per step)', 'log'),
+    ('validation_accuracy', 'validation accuracy', 'linear'),
+    ('test_accuracy', 'test accuracy', 'linear'),
+  )
+  for ax, (key, label, scale) in zip(axes, panels, strict=True):
+    for name, curve in curves.items():
+      values = curve[key]
+      x = np.arange(1, values.shape[1] + 1)
+      mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+      (line,) = ax.plot(x, mean, label=name)
+      ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.25)
+    ax.set_yscale(scale)
+    ax.set_xlabel('step' if key == 'step_loss' else 'epoch')
+    ax.set_title(label)
+  axes[0].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run_name(setting: Setting, seed: int) -> str:
+  """The directory of a run's TensorBoard event files, e.g. 'lr0.01_rho0.99_seed0'."""
+  rho = '' if setting.rho_0 is None else f'_rho{setting.rho_0:g}'
+  return f'lr{setting.learning_rate:.3g}{rho}_seed{seed}'
+
+
+def write_tensorboard(directory: str, runs: Runs, steps_per_epoch: int) -> None:
+  """Per run, into `directory/run_name(...)`: the loss of every step (`step/loss`) and
+  an epoch row (`epoch/<field>`) as the trainer writes them."""
+  for i, (setting, seed) in enumerate(zip(runs.settings, runs.seeds, strict=True)):
+    writer = logs.create_writer(os.path.join(directory, run_name(setting, seed)))
+    for step, loss in enumerate(runs.step_loss[i], start=1):
+      logs.write_step(writer, step, {'loss': _finite_or_none(loss)})
+    for epoch in range(runs.train_loss.shape[1]):
+      row = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch}
+      for key in ('train_loss', 'validation_accuracy', 'validation_loss', 'test_accuracy'):
+        value = _finite_or_none(getattr(runs, key)[i, epoch])
+        if value is not None:
+          row[key] = value
+      logs.write_epoch(writer, row)
+    writer.close()
+
+
+def sweep(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  optimizer_names: Sequence[str],
+  grid: Grid,
+  *,
+  validation_fraction: float = 0.15,
+  verbose: bool = False,
+  runs_per_vmap: int | None = None,
+) -> dict[str, dict[str, Any]]:
+  """Sweeps each of `optimizer_names` over `grid` and writes the sweep's files.
+
+  Returns:
+    `{optimizer: summarize(its runs)}`.
+  """
+  if not optimizer_names:
+    raise ValueError(
+      'optimizers must name at least one optimizer to sweep, got none (--optimizers=); '
+      f'e.g. --optimizers={",".join(compare.DEFAULT_OPTIMIZERS)}.'
+    )
+  configs = {name: compare.optimizer_config(config, name) for name in optimizer_names}
+  for name_config in configs.values():
+    schema.validate_config(name_config)
+  results, curves = {}, {}
+  for name, name_config in configs.items():
+    resolved = schema.resolve_config(name_config)
+    settings = settings_of(resolved, grid)
+    runs = train_runs(
+      name_config,
+      settings,
+      grid.seeds,
+      validation_fraction=validation_fraction,
+      verbose=verbose,
+      runs_per_vmap=runs_per_vmap,
+    )
+    results[name] = summarize(runs)
+    if jax.process_index() == 0:
+      steps_per_epoch = runs.step_loss.shape[1] // runs.train_loss.shape[1]
+      write_tensorboard(os.path.join(workdir, name), runs, steps_per_epoch)
+    results[name]['images_per_sec'] = runs.images / runs.seconds
+    selected = results[name]['selected']
+    if selected is not None:
+      rows = [i for i, s in enumerate(runs.settings) if s == Setting(**selected)]
+      curves[name] = {
+        key: getattr(runs, key)[rows]
+        for key in ('step_loss', 'validation_accuracy', 'test_accuracy')
+      }
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, SWEEP_JSON), 'w') as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, SWEEP_MD), 'w') as f:
+      f.write(markdown_table(results))
+    cool = [n for n in results if n in optimizers.COOLMOMENTUM_OPTIMIZERS]
+    if cool:
+      plot_heatmap(results[cool[0]], os.path.join(workdir, HEATMAP_PNG), cool[0])
+    if curves:
+      plot_curves(curves, os.path.join(workdir, CURVES_PNG))
+  return results
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  trainer_main.setup()
+  schema.prefer_given(FLAGS.config, trainer_main.given_fields(), FLAGS.optimizers)
+  grid = make_grid(
+    num_rates=FLAGS.num_rates,
+    rate_span=FLAGS.rate_span,
+    rho_0s=[float(r) for r in FLAGS.rho_0s],
+    num_seeds=FLAGS.seeds,
+    first_seed=FLAGS.config.seed,
+  )
+  results = sweep(
+    FLAGS.config,
+    FLAGS.workdir,
+    FLAGS.optimizers,
+    grid,
+    validation_fraction=FLAGS.validation_fraction,
+    verbose=True,
+    runs_per_vmap=FLAGS.runs_per_vmap or None,
+  )
+  print(markdown_table(results))
+
+
+if __name__ == '__main__':
+  app.run(main)

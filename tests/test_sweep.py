@@ -1,0 +1,183 @@
+"""The sweep: vmapped runs equal the same runs trained one at a time, the selection never
+reads the test split, and bad input is refused with the field named."""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from examples import compare, input_pipeline, optimizers, schema, sweep, tasks, train
+from examples.configs import digits
+
+
+def _config(optimizer: str, steps: int = 4):
+  config = compare.optimizer_config(digits.get_config(), optimizer)
+  config.num_epochs = 1
+  config.steps_per_epoch = steps
+  config.steps_per_eval = 2
+  return config
+
+
+def _one_at_a_time(config, setting, seed, validation_fraction):
+  """The per-step losses of one run as the trainer builds it: its own config, optimizer,
+  initial state and jitted `train.train_step`, on its seed's batches of the fit split."""
+  config = schema.resolve_config(config)
+  config.seed = seed
+  config.dataset = sweep.fit_dataset(config.dataset, validation_fraction)
+  if config.optimizer == 'sgd_sa':
+    config.metropolis_multipliers = tuple(
+      m * setting.learning_rate for m in config.metropolis_multipliers
+    )
+  else:
+    config.learning_rate = setting.learning_rate
+  if setting.rho_0 is not None:
+    config.rho_0 = setting.rho_0
+  task = tasks.create_task(config)
+  model = task.create_model()
+  tx, _ = optimizers.create_optimizer(config, config.steps_per_epoch)
+  state = train.create_train_state(jax.random.PRNGKey(seed), model, task.init_inputs(model), tx)
+  step = jax.jit(functools.partial(train.train_step, task=task, model=model))
+  losses = []
+  for batch in task.train_batches(0):
+    batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  return np.array(losses)
+
+
+@pytest.mark.parametrize(('optimizer', 'runs_per_vmap'), [('coolmomentum', None), ('sgd_sa', 2)])
+def test_vmapped_runs_equal_runs_one_at_a_time(optimizer, runs_per_vmap):
+  config = _config(optimizer)
+  resolved = schema.resolve_config(config)
+  center = sweep.recipe_rate(resolved)
+  rho = 0.9 if optimizer == 'coolmomentum' else None
+  settings = [sweep.Setting(center * 3.0, rho), sweep.Setting(center, 0.99 if rho else None)]
+  seeds = [0, 5]
+  runs = sweep.train_runs(
+    config, settings, seeds, validation_fraction=0.2, runs_per_vmap=runs_per_vmap
+  )
+  assert runs.step_loss.shape == (4, 4)
+  for i, (setting, seed) in enumerate(zip(runs.settings, runs.seeds, strict=True)):
+    expected = _one_at_a_time(config, setting, seed, 0.2)
+    np.testing.assert_allclose(runs.step_loss[i], expected, rtol=2e-5, atol=1e-6)
+  # The settings and the seeds make different runs.
+  assert not np.allclose(runs.step_loss[0], runs.step_loss[1])
+  assert not np.allclose(runs.step_loss[0], runs.step_loss[2])
+
+
+def _poisoned_digits(monkeypatch):
+  spec = input_pipeline.get_dataset('digits')
+
+  def arrays(options):
+    data = dict(spec.arrays(options))
+    images, labels = data['test']
+    data['test'] = (images, (labels + 1) % 10)
+    return data
+
+  monkeypatch.setitem(input_pipeline.DATASETS, 'digits', dataclasses.replace(spec, arrays=arrays))
+
+
+def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
+  config = _config('momentum', steps=6)
+  grid = sweep.make_grid(num_rates=3, rate_span=100.0, num_seeds=1)
+  clean = sweep.sweep(config, str(tmp_path / 'clean'), ['momentum'], grid)['momentum']
+  _poisoned_digits(monkeypatch)
+  poisoned = sweep.sweep(config, str(tmp_path / 'poisoned'), ['momentum'], grid)['momentum']
+  assert poisoned['selected'] == clean['selected']
+  assert [e['validation_accuracy_mean'] for e in poisoned['grid']] == [
+    e['validation_accuracy_mean'] for e in clean['grid']
+  ]
+  # The poison reached the test split.
+  assert poisoned['test_accuracy_mean'] != clean['test_accuracy_mean']
+  with open(tmp_path / 'clean' / sweep.SWEEP_JSON) as f:
+    stored = json.load(f)['momentum']
+  for key in ('selected', 'test_accuracy_mean', 'test_accuracy_std', 'num_seeds', 'grid'):
+    assert key in stored
+  assert os.path.exists(tmp_path / 'clean' / sweep.SWEEP_MD)
+  assert os.path.exists(tmp_path / 'clean' / sweep.CURVES_PNG)
+  # TensorBoard event files per run: three rates, one seed.
+  assert len(os.listdir(tmp_path / 'clean' / 'momentum')) == 3
+
+
+def test_diverged_settings_are_marked_and_never_selected():
+  settings = [sweep.Setting(0.1, None), sweep.Setting(1.0, None)]
+  shape = (2, 2)
+  runs = sweep.Runs(
+    settings=settings,
+    seeds=[0, 0],
+    train_loss=np.array([[1.0, 0.5], [1.0, np.nan]]),
+    skipped=np.array([[0, 0], [0, 3]]),
+    validation_accuracy=np.array([[0.5, 0.6], [0.5, 0.9]]),
+    validation_loss=np.ones(shape),
+    test_accuracy=np.full(shape, 0.5),
+    test_loss=np.ones(shape),
+    step_loss=np.ones((2, 4)),
+    seconds=1.0,
+    images=1,
+  )
+  result = sweep.summarize(runs)
+  assert [e['diverged'] for e in result['grid']] == [False, True]
+  assert result['selected'] == {'learning_rate': 0.1, 'rho_0': None}
+  assert '| 2 (1) |' in sweep.markdown_table({'momentum': result})
+
+
+def test_heatmap_marks_diverged_cells(tmp_path):
+  grid = [
+    {
+      'learning_rate': lr,
+      'rho_0': rho,
+      'diverged': lr > 0.05,
+      'validation_accuracy_mean': None if lr > 0.05 else 0.9,
+      'test_accuracy_mean': None if lr > 0.05 else 0.9,
+    }
+    for lr in (0.01, 0.1)
+    for rho in (0.9, 0.99)
+  ]
+  path = tmp_path / 'heatmap.png'
+  sweep.plot_heatmap({'grid': grid}, str(path), 'coolmomentum')
+  assert path.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+  ('kwargs', 'field'),
+  [
+    ({'num_rates': 0}, 'num_rates'),
+    ({'num_seeds': 0}, 'seeds'),
+    ({'num_seeds': -2}, 'seeds'),
+    ({'rate_span': 0.5}, 'rate_span'),
+    ({'rho_0s': ()}, 'rho_0s'),
+    ({'rho_0s': (1.5,)}, 'rho_0s'),
+  ],
+)
+def test_bad_grids_are_refused_naming_the_field(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    sweep.make_grid(**kwargs)
+
+
+@pytest.mark.parametrize(
+  ('factors', 'field'), [((), 'rate_factors'), ((0.0,), 'rate_factors'), ((-1.0,), 'rate_factors')]
+)
+def test_non_positive_or_empty_rates_are_refused(factors, field):
+  with pytest.raises(ValueError, match=field):
+    sweep.Grid(factors)
+
+
+def test_empty_optimizer_list_and_settings_are_refused(tmp_path):
+  grid = sweep.make_grid(num_rates=1, num_seeds=1)
+  with pytest.raises(ValueError, match='optimizers'):
+    sweep.sweep(_config('momentum'), str(tmp_path), [], grid)
+  with pytest.raises(ValueError, match='settings'):
+    sweep.train_runs(_config('momentum'), [], [0])
+  with pytest.raises(ValueError, match='validation_fraction'):
+    sweep.fit_dataset('digits', 1.0)
+
+
+def test_a_model_with_a_named_axis_is_refused_with_the_cause():
+  config, task = train.prepare(_config('momentum'))
+  model = task.create_model(axis_name='batch')
+  with pytest.raises(ValueError, match='axis_name'):
+    sweep.build_program(config, task, model)
