@@ -255,10 +255,12 @@ def test_kill_9_mid_epoch_and_rerun_ends_bitwise_as_an_uninterrupted_run(tmp_pat
       k: v for k, v in straight_row.items() if k not in TIMING
     }, kill_after
   # The final checkpoints hold bitwise the same state and position; only the training
-  # time they record differs.
+  # time they record differs, and so the checksum over it.
   final = num_epochs * steps_per_epoch
   killed_state, straight_state = _checkpoint(killed, final), _checkpoint(straight, final)
   assert killed_state.pop('wall_time') > 0 and straight_state.pop('wall_time') > 0
+  for state in (killed_state, straight_state):
+    assert state.pop('checksum').shape == (32,)
   assert jax.tree.structure(killed_state) == jax.tree.structure(straight_state)
   for a, b in zip(jax.tree.leaves(killed_state), jax.tree.leaves(straight_state), strict=True):
     np.testing.assert_array_equal(a, b)
