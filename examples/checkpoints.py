@@ -102,9 +102,11 @@ def save_checkpoint(
   state: Any,
   position: Position,
   config: ml_collections.ConfigDict,
+  *,
+  step: int | None = None,
 ) -> None:
   """Starts saving `state` (on the host), `position` and the trajectory fields of
-  `config`, with their checksum, named by the run's step."""
+  `config`, with their checksum, named by `step` (default: the run's, `state.step`)."""
   item = {
     'epoch': np.asarray(position.epoch, np.int32),
     'step_in_epoch': np.asarray(position.step_in_epoch, np.int32),
@@ -114,7 +116,7 @@ def save_checkpoint(
     'trajectory': _encode(trajectory(config)),
   }
   item['checksum'] = checksum(item)
-  manager.save(int(state.step), args=ocp.args.StandardSave(item))
+  manager.save(int(state.step) if step is None else step, args=ocp.args.StandardSave(item))
 
 
 def _shapes(tree: Any) -> list[tuple[tuple[int, ...], str]]:

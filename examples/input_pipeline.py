@@ -50,6 +50,10 @@ Evaluation batches are read in order, each process its own slice of the split,
 and carry a ``mask``; the last one is padded, so that evaluation covers the
 split exactly once.
 
+A `validation_fraction` of the options holds out the last part of the training
+split (in its stored order, the same for every seed) as a 'validation' split, for
+choosing hyperparameters without reading the test split; 'train' is then the rest.
+
 The functions take a `DatasetOptions`, built once from the trainer config's fields
 of the same names (see examples/configs/default.py).
 """
@@ -68,7 +72,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-SPLITS = ('train', 'test')
+SPLITS = ('train', 'validation', 'test')
 
 # Keras' width_shift_range=0.1 on 32 pixels, rounded to whole pixels.
 CIFAR10_MAX_SHIFT = 3
@@ -107,6 +111,14 @@ class DatasetInfo:
   num_test: int
   num_classes: int
   image_shape: tuple[int, int, int]
+  num_validation: int = 0
+
+  def num_examples(self, split: str) -> int:
+    """The examples of `split`, one of `SPLITS`."""
+    _check_split(split)
+    return {'train': self.num_train, 'validation': self.num_validation, 'test': self.num_test}[
+      split
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +136,8 @@ class DatasetOptions:
     seed: with the epoch, decides the train order and augmentation.
     cache: keep the TFDS splits decoded in memory across epochs; None: the dataset's
       default (`DatasetSpec.cache`: yes but for ImageNet).
+    validation_fraction: in [0, 1): the last this fraction of the stored training
+      split is the 'validation' split, and 'train' the rest; 0: no validation split.
   """
 
   dataset: str
@@ -135,6 +149,14 @@ class DatasetOptions:
   synthetic_test_size: int = 256
   seed: int = 0
   cache: bool | None = None
+  validation_fraction: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.validation_fraction < 1.0:
+      raise ValueError(
+        f'validation_fraction must be in [0, 1), the fraction of the training split held '
+        f'out, got validation_fraction={self.validation_fraction!r}.'
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +320,7 @@ def _to_float(example: Example, rng: np.random.Generator | None = None) -> Examp
 
 
 def _cifar10_preprocess(options: DatasetOptions) -> tuple[TrainFn, EvalFn]:
-  pixel_mean = _cifar10_pixel_mean(options.data_dir, _cache(options))
+  pixel_mean = _cifar10_pixel_mean(options.data_dir, _cache(options), options.validation_fraction)
   return (
     functools.partial(_cifar10_train, pixel_mean=pixel_mean),
     functools.partial(_cifar10_eval, pixel_mean=pixel_mean),
@@ -374,15 +396,19 @@ def _synthetic_data(options: DatasetOptions) -> Arrays:
 
 
 @functools.cache
-def _cifar10_pixel_mean(data_dir: str | None, cache: bool) -> np.ndarray:
-  """The mean training image in [0, 1], [32, 32, 3]: over the whole split, all processes."""
+def _cifar10_pixel_mean(
+  data_dir: str | None, cache: bool, validation_fraction: float
+) -> np.ndarray:
+  """The mean training image in [0, 1], [32, 32, 3]: over the whole split trained on (the
+  validation split held out), all processes."""
   source = _tfds_split('cifar10', data_dir, 'train', cache=cache)
+  count = _split_sizes(len(source), validation_fraction)[0]
   total = np.zeros([32, 32, 3], np.float64)
   # Summed in float64 chunks so that 50k images lose no precision.
-  for start in range(0, len(source), 1024):
-    records = _read(source, range(start, min(start + 1024, len(source))))
+  for start in range(0, count, 1024):
+    records = _read(source, range(start, min(start + 1024, count)))
     total += np.sum([r['image'] for r in records], axis=0, dtype=np.float64)
-  return (total / len(source) / 255.0).astype(np.float32)
+  return (total / count / 255.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------
@@ -467,22 +493,41 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def _split_sizes(num_examples: int, validation_fraction: float) -> tuple[int, int]:
+  """The sizes of the 'train' and 'validation' splits carved from a stored training split
+  of `num_examples`: the last `validation_fraction` (rounded, at least one example when
+  positive) is held out.
+
+  Raises:
+    ValueError: if the fraction leaves no example to train on.
+  """
+  held_out = max(1, round(validation_fraction * num_examples)) if validation_fraction else 0
+  if held_out >= num_examples:
+    raise ValueError(
+      f'validation_fraction={validation_fraction} holds out all {num_examples} training '
+      'examples: none is left to train on.'
+    )
+  return num_examples - held_out, held_out
+
+
 def _info(options: DatasetOptions) -> DatasetInfo:
   spec = get_dataset(options.dataset)
   if spec.arrays is None:
     builder = _tfds_builder(options.dataset, options.data_dir)
-    return DatasetInfo(
-      num_train=builder.info.splits[spec.tfds_splits['train']].num_examples,
-      num_test=builder.info.splits[spec.tfds_splits['test']].num_examples,
-      num_classes=builder.info.features['label'].num_classes,
-      image_shape=spec.image_shape(options),
-    )
-  arrays = spec.arrays(options)
+    num_stored = builder.info.splits[spec.tfds_splits['train']].num_examples
+    num_test = builder.info.splits[spec.tfds_splits['test']].num_examples
+    num_classes = builder.info.features['label'].num_classes
+  else:
+    arrays = spec.arrays(options)
+    num_stored, num_test = len(arrays['train'][1]), len(arrays['test'][1])
+    num_classes = spec.num_classes(options)
+  num_train, num_validation = _split_sizes(num_stored, options.validation_fraction)
   return DatasetInfo(
-    num_train=len(arrays['train'][1]),
-    num_test=len(arrays['test'][1]),
-    num_classes=spec.num_classes(options),
+    num_train=num_train,
+    num_test=num_test,
+    num_classes=num_classes,
     image_shape=spec.image_shape(options),
+    num_validation=num_validation,
   )
 
 
@@ -508,11 +553,13 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int, steps: int | None
   return steps
 
 
-def steps_per_eval(info: DatasetInfo, global_batch_size: int, steps: int | None = -1) -> int:
-  """`steps` if positive, else enough batches to cover the test split."""
+def steps_per_eval(
+  info: DatasetInfo, global_batch_size: int, steps: int | None = -1, split: str = 'test'
+) -> int:
+  """`steps` if positive, else enough batches to cover `split` ('test' or 'validation')."""
   if steps is not None and steps > 0:
     return steps
-  return math.ceil(info.num_test / global_batch_size)
+  return math.ceil(info.num_examples(split) / global_batch_size)
 
 
 # --------------------------------------------------------------------------
@@ -576,12 +623,38 @@ def _tfds_split(name: str, data_dir: str | None, split: str, *, cache: bool) -> 
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Slice(Sequence):
+  """The records `[start, stop)` of `source`, addressed from 0."""
+
+  source: Sequence
+  start: int
+  stop: int
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def __getitem__(self, index: int) -> Example:
+    if not 0 <= index < len(self):
+      raise IndexError(f'index {index} out of range for {len(self)} records.')
+    return self.source[self.start + index]
+
+
 def _source(options: DatasetOptions, split: str) -> Sequence:
-  """The whole `split`, as a sequence of {'image', 'label', ...} records."""
+  """The whole `split`, as a sequence of {'image', 'label', ...} records; 'train' and
+  'validation' are the two parts of the stored training split."""
   spec = get_dataset(options.dataset)
+  stored = 'test' if split == 'test' else 'train'
   if spec.arrays is not None:
-    return ArraySource(*spec.arrays(options)[split])
-  return _tfds_split(options.dataset, options.data_dir, split, cache=_cache(options))
+    source = ArraySource(*spec.arrays(options)[stored])
+  else:
+    source = _tfds_split(options.dataset, options.data_dir, stored, cache=_cache(options))
+  if split == 'test':
+    return source
+  num_train, num_validation = _split_sizes(len(source), options.validation_fraction)
+  if split == 'validation':
+    return _Slice(source, num_train, num_train + num_validation)
+  return source if not num_validation else _Slice(source, 0, num_train)
 
 
 # --------------------------------------------------------------------------
@@ -671,18 +744,19 @@ def create_input_iter(
 
   Args:
     options: the dataset and how to read it.
-    split: 'train' or 'test'.
+    split: 'train', 'validation' (with `options.validation_fraction`) or 'test'.
     global_batch_size: examples per step over all processes and devices.
     epoch: the epoch number; the train order and augmentation depend only on it
       and `options.seed`. Ignored for evaluation.
     num_steps: the batches to yield: for training the epoch's steps (a permutation
-      of the split for each pass they need), for evaluation on 'test' the first
-      `num_steps` batches; -1 or None: one pass over the split. Evaluation on
-      'train' always covers the split once.
+      of the split for each pass they need), for evaluation on 'test' or
+      'validation' the first `num_steps` batches; -1 or None: one pass over the
+      split. Evaluation on 'train' always covers the split once.
     num_local_devices: leading dimension of the batches; defaults to
       `jax.local_device_count()`.
     evaluation: batches for evaluation: no augmentation, a 'mask', the whole split
-      once (the test split: `steps_per_eval` batches). Default: for 'test' only.
+      once ('test' and 'validation': `steps_per_eval` batches). Default: for all but
+      'train'.
     start_step: the first training batch of the epoch to yield (to resume inside it).
 
   Returns:
@@ -691,16 +765,22 @@ def create_input_iter(
     evaluation batches also have 'mask' float32 [num_local_devices, per_device],
     0 on the padding after the last example. Training yields
     `steps_per_epoch(info, global_batch_size, num_steps)` batches, evaluation on
-    'test' `steps_per_eval(info, global_batch_size, num_steps)`.
+    'test' or 'validation' `steps_per_eval(info, global_batch_size, num_steps, split)`.
 
   Raises:
-    ValueError: for an unknown dataset or split, a batch size that the devices do
-      not divide, or a TFDS dataset not stored as ArrayRecord.
+    ValueError: for an unknown dataset or split, 'validation' without a
+      `validation_fraction`, a batch size that the devices do not divide, or a TFDS
+      dataset not stored as ArrayRecord.
     FileNotFoundError: if a TFDS dataset has not been prepared in `data_dir`;
       the message says how to prepare it.
   """
   spec = get_dataset(options.dataset)
   _check_split(split)
+  if split == 'validation' and not options.validation_fraction:
+    raise ValueError(
+      "split='validation' is held out of the training split by a validation_fraction, "
+      f'got validation_fraction={options.validation_fraction}.'
+    )
   if num_local_devices is None:
     num_local_devices = jax.local_device_count()
   num_devices = jax.process_count() * num_local_devices
@@ -711,7 +791,7 @@ def create_input_iter(
     )
   info = _info(options)
   if evaluation is None:
-    evaluation = split == 'test'
+    evaluation = split != 'train'
   train_fn, eval_fn = spec.preprocess(options)
   if not evaluation:
     if split != 'train':
@@ -725,8 +805,8 @@ def create_input_iter(
     )
     return _iterate(ds, num_local_devices, start_step)
 
-  if split == 'test':
-    num_batches = steps_per_eval(info, global_batch_size, num_steps)
+  if split != 'train':
+    num_batches = steps_per_eval(info, global_batch_size, num_steps, split)
   else:
     num_batches = math.ceil(info.num_train / global_batch_size)
   ds = _eval_dataset(

@@ -38,6 +38,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,10 +49,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from jax.extend import core as jaxpr_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from examples import compare, input_pipeline, logs, optimizers, schema, tasks, train
+from examples import checkpoints, compare, logs, lr_find, optimizers, schema, tasks, train
 from examples import main as trainer_main
+from examples import workdir as workdir_files
 
 FLAGS = flags.FLAGS
 
@@ -63,11 +66,25 @@ flags.DEFINE_float(
   'validation_fraction', 0.15, 'Fraction of the training split held out for selection.'
 )
 
+flags.DEFINE_enum(
+  'center',
+  'recipe',
+  ['recipe', 'lr_find'],
+  "What the rates span around: the recipe's rate, or examples.lr_find's suggestion (the "
+  "range test takes lr_find's flags: --num_steps, --lr_min, --lr_max, --rule, ...).",
+)
+flags.DEFINE_float(
+  'memory_limit_gib',
+  0.0,
+  "Memory of one device that a grid's estimate must fit (0: the device's own; on CPU the "
+  "host's memory over the local devices).",
+)
 flags.DEFINE_integer(
   'runs_per_vmap', 0, 'Runs a device steps at once, to hold fewer in memory (0: all in one vmap).'
 )
 
 RUN_AXIS = 'runs'
+CENTERS = ('recipe', 'lr_find')
 DEFAULT_RHO_0S = (0.9, 0.99, 0.999)
 SWEEP_JSON, SWEEP_MD, HEATMAP_PNG, CURVES_PNG = (
   'sweep.json',
@@ -155,55 +172,34 @@ class Setting:
 
 
 def recipe_rate(config: ml_collections.ConfigDict) -> float:
-  """The rate the grid spans around: the resolved recipe's learning rate, or 1 for
-  'sgd_sa' (its multipliers are scaled instead)."""
+  """The rate the grid spans around by default: the resolved recipe's learning rate, or 1
+  for 'sgd_sa' (its multipliers are scaled instead)."""
   return 1.0 if config.optimizer == 'sgd_sa' else float(config.learning_rate)
 
 
-def settings_of(config: ml_collections.ConfigDict, grid: Grid) -> list[Setting]:
-  """The settings of the resolved `config`'s optimizer."""
-  center = recipe_rate(config)
+def suggested_rate(config: ml_collections.ConfigDict, workdir: str, **lr_find_args: Any) -> float:
+  """The rate the grid spans around with `center='lr_find'`: the suggestion of
+  `examples.lr_find` on the (unresolved) `config`, whose `validation_fraction` keeps the
+  range test off the held-out examples too; its lr_find.json and lr_find.png go to
+  `workdir`. 'sgd_sa' has no rate to find: its grid stays around its multipliers (1)."""
+  if config.optimizer == 'sgd_sa':
+    return 1.0
+  result = lr_find.lr_find(config, workdir, **lr_find_args)
+  if result['warning']:
+    print(f'Warning: {result["warning"]}', flush=True)
+  return float(result['suggested_learning_rate'])
+
+
+def settings_of(
+  config: ml_collections.ConfigDict, grid: Grid, center: float | None = None
+) -> list[Setting]:
+  """The settings of the resolved `config`'s optimizer: `grid`'s rate factors times
+  `center` (default: `recipe_rate(config)`), times its rho_0 values for CoolMomentum."""
+  center = recipe_rate(config) if center is None else center
+  if not (math.isfinite(center) and center > 0):
+    raise ValueError(f'center must be a positive finite learning rate, got center={center}.')
   rhos = grid.rho_0s if config.optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS else (None,)
   return [Setting(center * f, rho) for f in grid.rate_factors for rho in rhos]
-
-
-# --------------------------------------------------------------------------------------------
-# The validation split
-
-
-def fit_dataset(dataset: str, validation_fraction: float) -> str:
-  """The name of a data set registered in `input_pipeline.DATASETS` whose 'train' split is
-  the first `1 - validation_fraction` of `dataset`'s and whose 'test' split is the rest:
-  the runs train on it and are selected on its 'test' split.
-
-  Raises:
-    ValueError: for a fraction outside (0, 1), or a data set not held in memory.
-  """
-  if not 0.0 < validation_fraction < 1.0:
-    raise ValueError(
-      f'validation_fraction must be in (0, 1), got validation_fraction={validation_fraction}.'
-    )
-  spec = input_pipeline.get_dataset(dataset)
-  if spec.arrays is None:
-    raise ValueError(
-      f'config.dataset={dataset!r} is read from TFDS; the sweep holds out a validation split '
-      'of data sets held in memory only (digits, synthetic).'
-    )
-  name = f'{dataset}:fit{validation_fraction:g}'
-
-  def arrays(options):
-    # Looked up at each call, so that the base data set is read as it is now.
-    base = input_pipeline.get_dataset(dataset).arrays(options)
-    images, labels = base['train']
-    cut = len(labels) - max(1, round(validation_fraction * len(labels)))
-    if cut < 1:
-      raise ValueError(
-        f'validation_fraction={validation_fraction} leaves no training examples of {dataset}.'
-      )
-    return {'train': (images[:cut], labels[:cut]), 'test': (images[cut:], labels[cut:])}
-
-  input_pipeline.DATASETS[name] = dataclasses.replace(spec, arrays=arrays)
-  return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,27 +347,8 @@ def build_program(
   )
   eval_step = jax.jit(per_device(eval_one, (True, False)), out_shardings=sharding)
   program = Program(init, train_step, eval_step, sharding, replicated)
-  _check_vmappable(program, task, config)
+  trace_step(program, task, config, 1)  # A model that cannot run under vmap fails here.
   return program
-
-
-def _check_vmappable(program: Program, task: tasks.Task, config) -> None:
-  """Traces the steps for two runs without compiling them; a model that needs a named
-  axis (a BatchNorm with an `axis_name`) fails here with the cause."""
-  hparams = _abstract_hparams(jax.device_count())
-  try:
-    states = jax.eval_shape(program.init, hparams)
-    batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
-    )
-    jax.eval_shape(program.train_step, hparams, states, batch)
-  except NameError as error:
-    raise ValueError(
-      f'The model of config.model={config.model!r} cannot train under jax.vmap over the '
-      f'runs: it reads a named axis that the sweep does not bind ({error}). A BatchNorm '
-      "with an axis_name (the pmap trainer's) averages over devices; build the model "
-      'without one (config.parallelism="jit").'
-    ) from error
 
 
 def _abstract_hparams(num_runs: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -381,6 +358,154 @@ def _abstract_hparams(num_runs: int) -> dict[str, jax.ShapeDtypeStruct]:
     'seed': jax.ShapeDtypeStruct((num_runs,), jnp.uint32),
     'seed_index': jax.ShapeDtypeStruct((num_runs,), jnp.int32),
   }
+
+
+def trace_step(
+  program: Program, task: tasks.Task, config: ml_collections.ConfigDict, runs_per_device: int
+) -> jaxpr_core.ClosedJaxpr:
+  """The jaxpr of `program`'s train step for `runs_per_device` runs on each device,
+  traced without compiling. A model that needs a named axis (a BatchNorm with an
+  `axis_name`) fails here with the cause.
+
+  Raises:
+    ValueError: if the model cannot run under `jax.vmap` over the runs.
+  """
+  hparams = _abstract_hparams(runs_per_device * jax.device_count())
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
+  )
+  try:
+    states = jax.eval_shape(program.init, hparams)
+    return jax.make_jaxpr(program.train_step)(hparams, states, batch)
+  except NameError as error:
+    raise ValueError(
+      f'The model of config.model={config.model!r} cannot train under jax.vmap over the '
+      f'runs: it reads a named axis that the sweep does not bind ({error}). A BatchNorm '
+      "with an axis_name (the pmap trainer's) averages over devices; build the model "
+      'without one (config.parallelism="jit").'
+    ) from error
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def _nbytes(aval: Any) -> int:
+  shape, dtype = getattr(aval, 'shape', None), getattr(aval, 'dtype', None)
+  if shape is None or dtype is None:
+    return 0
+  # A PRNG key's extended dtype has no numpy itemsize; its raw data is two uint32s.
+  itemsize = getattr(dtype, 'itemsize', None) or 8
+  return math.prod(shape) * itemsize
+
+
+def peak_bytes(jaxpr: Any) -> int:
+  """The most bytes that `jaxpr`'s values hold at once, each value freed after its last
+  use and an inner jaxpr (a call, a branch, a loop body) adding its own peak beyond its
+  arguments while it runs. It counts every intermediate as materialised, as XLA does
+  before fusing: an estimate of a step's memory from above."""
+  eqns = jaxpr.eqns
+  last_use = {}
+  for i, eqn in enumerate(eqns):
+    for var in eqn.invars:
+      if isinstance(var, jaxpr_core.Var):
+        last_use[var] = i
+  for var in jaxpr.outvars:
+    if isinstance(var, jaxpr_core.Var):
+      last_use[var] = len(eqns)
+  live = {var: _nbytes(var.aval) for var in (*jaxpr.constvars, *jaxpr.invars)}
+  current = peak = sum(live.values())
+  for i, eqn in enumerate(eqns):
+    inner = max(
+      (
+        peak_bytes(j) - sum(_nbytes(v.aval) for v in j.invars)
+        for j in jaxpr_core.jaxprs_in_params(eqn.params)
+      ),
+      default=0,
+    )
+    produced = {var: _nbytes(var.aval) for var in eqn.outvars if var in last_use}
+    peak = max(peak, current + max(inner, 0) + sum(_nbytes(v.aval) for v in eqn.outvars))
+    live.update(produced)
+    current += sum(produced.values())
+    for var in eqn.invars:
+      if isinstance(var, jaxpr_core.Var) and last_use.get(var) == i and var in live:
+        current -= live.pop(var)
+  return peak
+
+
+def _device_step_jaxpr(closed: Any) -> Any:
+  """The per-device body of the program's step: the jaxpr inside its shard_map, whose
+  values have the shapes one device holds."""
+  pending = [closed.jaxpr]
+  while pending:
+    jaxpr = pending.pop()
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'shard_map':
+        return eqn.params['jaxpr']
+      pending.extend(jaxpr_core.jaxprs_in_params(eqn.params))
+  raise ValueError('The sweep step holds no shard_map: the program was not built by build_program.')
+
+
+def device_memory() -> int:
+  """Bytes of memory of one local device: its allocator's limit on an accelerator, the
+  host's physical memory shared by the local devices on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return int(stats['bytes_limit'])
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.local_device_count()
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """A train step's memory on one device (`peak_bytes` of its per-device body).
+
+  Attributes:
+    runs_per_device: the runs a device trains.
+    bytes: the estimate at `runs_per_device`.
+    bytes_per_run: what one more run per device adds.
+  """
+
+  runs_per_device: int
+  bytes: int
+  bytes_per_run: int
+
+  def largest_fitting(self, limit: int) -> int:
+    """The most runs per device whose estimate is within `limit` bytes (0 if none)."""
+    if self.bytes_per_run <= 0:
+      return self.runs_per_device if self.bytes <= limit else 0
+    return max(0, self.runs_per_device + math.floor((limit - self.bytes) / self.bytes_per_run))
+
+
+def estimate_memory(
+  program: Program, task: tasks.Task, config: ml_collections.ConfigDict, runs_per_device: int
+) -> MemoryEstimate:
+  """The per-device memory of `program`'s train step at `runs_per_device` runs, and what
+  one more run adds, from the traced step alone (nothing is compiled)."""
+  at = [
+    peak_bytes(_device_step_jaxpr(trace_step(program, task, config, k)))
+    for k in (runs_per_device, runs_per_device + 1)
+  ]
+  return MemoryEstimate(runs_per_device, at[0], at[1] - at[0])
+
+
+def check_memory(estimate: MemoryEstimate, num_runs: int, limit: int, *, optimizer: str) -> None:
+  """Refuses a grid whose estimated per-device memory exceeds `limit` bytes.
+
+  Raises:
+    ValueError: with the estimate, the limit and the largest grid that fits.
+  """
+  if estimate.bytes <= limit:
+    return
+  fits = estimate.largest_fitting(limit) * jax.device_count()
+  mib = 2**20
+  raise ValueError(
+    f'The {num_runs} runs of {optimizer} need an estimated {estimate.bytes / mib:.1f} MiB '
+    f'per device ({estimate.runs_per_device} runs per device, '
+    f'{estimate.bytes_per_run / mib:.1f} MiB each), more than the {limit / mib:.1f} MiB '
+    f'of each of the {jax.device_count()} devices. The largest grid that fits is {fits} '
+    'runs: sweep fewer rates, rho_0 values or seeds, or step fewer runs at once '
+    '(--runs_per_vmap).'
+  )
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,17 +540,15 @@ class Runs:
   images: int
 
 
-def _seed_config(config, seed, dataset=None):
+def _seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
   seed_config = config.copy_and_resolve_references()
   seed_config.seed = int(seed)
-  if dataset is not None:
-    seed_config.dataset = dataset
   return seed_config
 
 
-def _evaluate(program, states, task) -> dict[str, np.ndarray]:
+def _evaluate(program: Program, states: Any, task: tasks.Task, split: str) -> dict[str, np.ndarray]:
   totals = None
-  for batch in task._eval_batches('test'):
+  for batch in task._eval_batches(split):
     batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
     sums = program.eval_step(states, jax.device_put(batch, program.replicated))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
@@ -434,49 +557,91 @@ def _evaluate(program, states, task) -> dict[str, np.ndarray]:
   return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count}
 
 
+# The per-run records of a sweep, [runs, epochs] ('step_loss': [runs, steps]).
+EPOCH_FIELDS = (
+  'train_loss',
+  'skipped',
+  'validation_accuracy',
+  'validation_loss',
+  'test_accuracy',
+  'test_loss',
+)
+
+
+def _record_config(
+  config: ml_collections.ConfigDict, settings: Sequence[Setting], seeds: Sequence[int]
+) -> ml_collections.ConfigDict:
+  """The resolved `config` with the runs it trains (`sweep_settings`, `sweep_seeds`): what
+  the optimizer's config.json and checkpoints hold, and a resumed sweep must agree with."""
+  record = config.copy_and_resolve_references()
+  with record.unlocked():
+    record.sweep_settings = [[s.learning_rate, s.rho_0] for s in settings]
+    record.sweep_seeds = [int(seed) for seed in seeds]
+  return record
+
+
 def train_runs(
   config: ml_collections.ConfigDict,
   settings: Sequence[Setting],
   seeds: Sequence[int],
   *,
-  validation_fraction: float = 0.15,
+  workdir: str | None = None,
   model=None,
   verbose: bool = False,
   runs_per_vmap: int | None = None,
+  memory_limit: int | None = None,
 ) -> Runs:
   """Trains `settings x seeds` runs of the (unresolved) `config`'s optimizer together.
 
-  The runs train on the training split less its last `validation_fraction`, are
-  evaluated on that held-out part ('validation') and on the test split after every epoch;
-  with `verbose`, a line is printed per epoch.
+  The runs train on the training split less its last `config.validation_fraction`, and
+  are evaluated on that held-out part ('validation') and on the test split after every
+  epoch; with `verbose`, a line is printed per epoch.
+
+  With a `workdir`, the runs are resumable: it receives their config.json and, at every
+  epoch's end, a checkpoint of all runs' states and records (examples/checkpoints.py:
+  checksummed, with the trajectory fields); a rerun continues from the last one to the
+  same numbers, and refuses a config or grid that would change them.
+
+  Raises:
+    ValueError: for an empty grid, a config that cannot be swept (not an image
+      classifier, not `parallelism='jit'`, no validation split), a model that cannot run
+      under vmap, a grid whose estimated memory exceeds `memory_limit` bytes per device
+      (default: `device_memory()`), or a workdir of another sweep.
   """
   if not settings:
     raise ValueError('settings must hold at least one setting to train, got none.')
   if not seeds:
     raise ValueError('seeds must hold at least one seed, got none.')
   start = time.perf_counter()
-  test_config, test_task = train.prepare(_seed_config(config, seeds[0]))
-  if not isinstance(test_task, tasks.ImageClassification):
+  resolved, task = train.prepare(_seed_config(config, seeds[0]))
+  if not isinstance(task, tasks.ImageClassification):
     raise ValueError(
       f'config.model={config.model!r} is not an image classifier: the sweep trains image '
       'classifiers only.'
     )
-  if test_config.parallelism != 'jit':
+  if resolved.parallelism != 'jit':
     raise ValueError(
       f'config.parallelism must be "jit" for a sweep (the runs are sharded with jit), got '
-      f'{test_config.parallelism!r}.'
+      f'{resolved.parallelism!r}.'
     )
-  dataset = fit_dataset(test_config.dataset, validation_fraction)
-  # The epoch of the held-out-less split: the config's steps if it sets them, else its own.
-  resolved = _seed_config(test_config, seeds[0], dataset)
-  resolved.steps_per_epoch = config.steps_per_epoch
-  resolved.steps_per_epoch = tasks.create_task(resolved).steps_per_epoch()
+  if not resolved.validation_fraction:
+    raise ValueError(
+      'config.validation_fraction must be positive: the sweep selects on a validation split '
+      f'held out of the training split, got validation_fraction={resolved.validation_fraction}.'
+    )
   fit = [tasks.create_task(_seed_config(resolved, s)) for s in seeds]
-  program = build_program(resolved, fit[0], model, runs_per_vmap=runs_per_vmap)
+  program = build_program(resolved, task, model, runs_per_vmap=runs_per_vmap)
 
   runs = [(setting, i) for setting in settings for i in range(len(seeds))]
   num_devices = jax.device_count()
   padded = runs + [runs[-1]] * (-len(runs) % num_devices)
+  estimate = estimate_memory(program, task, resolved, len(padded) // num_devices)
+  check_memory(
+    estimate,
+    len(runs),
+    device_memory() if memory_limit is None else memory_limit,
+    optimizer=resolved.optimizer,
+  )
   hparams = {
     'learning_rate': np.array([s.learning_rate for s, _ in padded], np.float32),
     'rho_0': np.array([s.rho_0 if s.rho_0 is not None else 0.0 for s, _ in padded], np.float32),
@@ -487,11 +652,20 @@ def train_runs(
   states = program.init(hparams)
 
   epochs, steps = resolved.num_epochs, resolved.steps_per_epoch
-  shape = (len(padded), epochs)
-  train_loss, skipped = np.zeros(shape), np.zeros(shape)
-  val_acc, val_loss, test_acc, test_loss = (np.zeros(shape) for _ in range(4))
-  step_loss = np.zeros((len(padded), epochs * steps))
-  for epoch in range(epochs):
+  history = {key: np.zeros((len(padded), epochs)) for key in EPOCH_FIELDS}
+  history['step_loss'] = np.zeros((len(padded), epochs * steps))
+  position = checkpoints.Position(0, 0, history, 0.0)
+  manager, record = None, _record_config(resolved, settings, seeds)
+  if workdir is not None:
+    workdir_files.check_config(workdir, record)
+    manager = checkpoints.checkpoint_manager(workdir, max_to_keep=1)
+    host, position = checkpoints.restore_checkpoint(
+      manager, jax.device_get(states), history, record
+    )
+    states = jax.device_put(host, program.sharding)
+    history = {key: np.array(value) for key, value in position.step_metrics.items()}
+  resumed = time.perf_counter()
+  for epoch in range(position.epoch, epochs):
     iterators = [t.train_batches(epoch) for t in fit]
     pending = []
     for _ in range(steps):
@@ -505,36 +679,43 @@ def train_runs(
       )
       pending.append((metrics['loss'], metrics['skipped']))
     losses, skips = map(np.stack, zip(*jax.device_get(pending), strict=True))  # [steps, runs]
-    step_loss[:, epoch * steps : (epoch + 1) * steps] = losses.T
-    finite = np.where(skips.T > 0, np.nan, losses.T)
+    history['step_loss'][:, epoch * steps : (epoch + 1) * steps] = losses.T
     with np.errstate(all='ignore'):
-      train_loss[:, epoch] = np.nanmean(np.where(np.isfinite(finite), finite, np.nan), axis=1)
-    skipped[:, epoch] = skips.sum(axis=0)
-    validation = _evaluate(program, states, fit[0])
-    test = _evaluate(program, states, test_task)
-    val_acc[:, epoch], val_loss[:, epoch] = validation['accuracy'], validation['loss']
-    test_acc[:, epoch], test_loss[:, epoch] = test['accuracy'], test['loss']
+      finite = np.where((skips.T > 0) | ~np.isfinite(losses.T), np.nan, losses.T)
+      history['train_loss'][:, epoch] = np.nanmean(finite, axis=1)
+    history['skipped'][:, epoch] = skips.sum(axis=0)
+    for split in ('validation', 'test'):
+      scores = _evaluate(program, states, task, split)
+      history[f'{split}_accuracy'][:, epoch] = scores['accuracy']
+      history[f'{split}_loss'][:, epoch] = scores['loss']
+    elapsed = position.wall_time + time.perf_counter() - resumed
+    if manager is not None:
+      if jax.process_index() == 0 and workdir_files.read_config(workdir) is None:
+        workdir_files.write_config(workdir, record)
+      checkpoints.save_checkpoint(
+        manager,
+        jax.device_get(states),
+        checkpoints.Position(epoch + 1, 0, history, elapsed),
+        record,
+        step=(epoch + 1) * steps,
+      )
     if verbose and jax.process_index() == 0:
+      val = history['validation_accuracy'][: len(runs), epoch]
       print(
         f'{resolved.optimizer} epoch {epoch + 1}/{epochs}: {len(runs)} runs, validation '
-        f'accuracy best {np.nanmax(val_acc[: len(runs), epoch]):.2%}, median '
-        f'{np.nanmedian(val_acc[: len(runs), epoch]):.2%}, '
-        f'{time.perf_counter() - start:.1f}s',
+        f'accuracy best {np.nanmax(val):.2%}, median {np.nanmedian(val):.2%}, {elapsed:.1f}s',
         flush=True,
       )
   jax.block_until_ready(states)
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
   n = len(runs)
   return Runs(
     settings=[s for s, _ in runs],
     seeds=[seeds[i] for _, i in runs],
-    train_loss=train_loss[:n],
-    skipped=skipped[:n],
-    validation_accuracy=val_acc[:n],
-    validation_loss=val_loss[:n],
-    test_accuracy=test_acc[:n],
-    test_loss=test_loss[:n],
-    step_loss=step_loss[:n],
-    seconds=time.perf_counter() - start,
+    **{key: np.asarray(history[key])[:n] for key in (*EPOCH_FIELDS, 'step_loss')},
+    seconds=position.wall_time + time.perf_counter() - resumed + (resumed - start),
     images=n * epochs * steps * resolved.batch_size,
   )
 
@@ -703,7 +884,10 @@ def write_tensorboard(directory: str, runs: Runs, steps_per_epoch: int) -> None:
   """Per run, into `directory/run_name(...)`: the loss of every step (`step/loss`) and
   an epoch row (`epoch/<field>`) as the trainer writes them."""
   for i, (setting, seed) in enumerate(zip(runs.settings, runs.seeds, strict=True)):
-    writer = logs.create_writer(os.path.join(directory, run_name(setting, seed)))
+    run_directory = os.path.join(directory, run_name(setting, seed))
+    # Written whole from the runs' records: a resumed sweep replaces what it wrote before.
+    shutil.rmtree(run_directory, ignore_errors=True)
+    writer = logs.create_writer(run_directory)
     for step, loss in enumerate(runs.step_loss[i], start=1):
       logs.write_step(writer, step, {'loss': _finite_or_none(loss)})
     for epoch in range(runs.train_loss.shape[1]):
@@ -716,6 +900,7 @@ def write_tensorboard(directory: str, runs: Runs, steps_per_epoch: int) -> None:
     writer.close()
 
 
+@workdir_files.hold_lock
 def sweep(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -723,10 +908,22 @@ def sweep(
   grid: Grid,
   *,
   validation_fraction: float = 0.15,
+  center: str = 'recipe',
+  lr_find_args: Mapping[str, Any] | None = None,
   verbose: bool = False,
   runs_per_vmap: int | None = None,
+  memory_limit: int | None = None,
 ) -> dict[str, dict[str, Any]]:
   """Sweeps each of `optimizer_names` over `grid` and writes the sweep's files.
+
+  Each optimizer's runs keep their config.json and checkpoints in `workdir/<optimizer>/`
+  (see `train_runs`): a killed sweep reruns to the same numbers, and a rerun with
+  another config or grid is refused. The workdir is locked while the sweep runs.
+
+  Args:
+    center: what the rates span around: 'recipe' (the recipe's learning rate) or
+      'lr_find' (the suggestion of examples.lr_find on the training split less the
+      validation split, with `lr_find_args`).
 
   Returns:
     `{optimizer: summarize(its runs)}`.
@@ -736,25 +933,40 @@ def sweep(
       'optimizers must name at least one optimizer to sweep, got none (--optimizers=); '
       f'e.g. --optimizers={",".join(compare.DEFAULT_OPTIMIZERS)}.'
     )
-  configs = {name: compare.optimizer_config(config, name) for name in optimizer_names}
-  for name_config in configs.values():
+  if center not in CENTERS:
+    raise ValueError(f'center must be one of {CENTERS}, got center={center!r}.')
+  if config.validation_fraction not in (0.0, validation_fraction):
+    raise ValueError(
+      f'config.validation_fraction={config.validation_fraction} and the sweep\'s '
+      f'validation_fraction={validation_fraction} (--validation_fraction) disagree: set the '
+      'sweep\'s, and leave the config\'s at 0 or equal to it.'
+    )
+  configs = {}
+  for name in optimizer_names:
+    name_config = compare.optimizer_config(config, name)
+    name_config.validation_fraction = validation_fraction
     schema.validate_config(name_config)
+    configs[name] = name_config
   results, curves = {}, {}
   for name, name_config in configs.items():
+    directory = os.path.join(workdir, name)
     resolved = schema.resolve_config(name_config)
-    settings = settings_of(resolved, grid)
+    rate = None
+    if center == 'lr_find':
+      rate = suggested_rate(name_config, directory, **(lr_find_args or {}))
     runs = train_runs(
       name_config,
-      settings,
+      settings_of(resolved, grid, rate),
       grid.seeds,
-      validation_fraction=validation_fraction,
+      workdir=directory,
       verbose=verbose,
       runs_per_vmap=runs_per_vmap,
+      memory_limit=memory_limit,
     )
     results[name] = summarize(runs)
     if jax.process_index() == 0:
       steps_per_epoch = runs.step_loss.shape[1] // runs.train_loss.shape[1]
-      write_tensorboard(os.path.join(workdir, name), runs, steps_per_epoch)
+      write_tensorboard(directory, runs, steps_per_epoch)
     results[name]['images_per_sec'] = runs.images / runs.seconds
     selected = results[name]['selected']
     if selected is not None:
@@ -795,8 +1007,18 @@ def main(argv: list[str]) -> None:
     FLAGS.optimizers,
     grid,
     validation_fraction=FLAGS.validation_fraction,
+    center=FLAGS.center,
+    lr_find_args={
+      'num_steps': FLAGS.num_steps,
+      'lr_min': FLAGS.lr_min,
+      'lr_max': FLAGS.lr_max,
+      'rule': FLAGS.rule,
+      'smoothing': FLAGS.smoothing,
+      'divergence_threshold': FLAGS.divergence_threshold,
+    },
     verbose=True,
     runs_per_vmap=FLAGS.runs_per_vmap or None,
+    memory_limit=round(FLAGS.memory_limit_gib * 2**30) if FLAGS.memory_limit_gib else None,
   )
   print(markdown_table(results))
 

@@ -107,8 +107,9 @@ class ImageClassification(_Task):
   @staticmethod
   def check_config(config: ml_collections.ConfigDict) -> None:
     """Checks the fields only this task reads (see `examples.schema.validate_config`):
-    the image data set."""
+    the image data set and the part of its training split held out."""
     check_choice(config, 'dataset', input_pipeline.KNOWN_DATASETS)
+    check_number(config, 'validation_fraction', lower=0, upper=1)
 
   def data_options(self) -> input_pipeline.DatasetOptions:
     """The config's fields that the image pipeline reads, besides the split, the batch
@@ -224,8 +225,8 @@ class ImageClassification(_Task):
   # Rows
 
   def evaluate(self, parallel: Any, state: Any, split: str = 'test') -> dict[str, float]:
-    """Mean loss and accuracy in inference mode over the test split (or its first
-    `config.steps_per_eval` batches), or over the whole training split, without
+    """Mean loss and accuracy in inference mode over the test or validation split (or
+    its first `config.steps_per_eval` batches), or over the whole training split, without
     augmentation, for `split='train'`."""
     sums = [parallel.eval_step(state, parallel.put_batch(b)) for b in self._eval_batches(split)]
     totals = _sum_over_batches(parallel, sums)
@@ -233,12 +234,15 @@ class ImageClassification(_Task):
     return {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count}
 
   def eval_row(self, parallel: Any, state: Any, penalty: float) -> dict[str, float]:
-    """An epoch's evaluation fields: the test loss and accuracy and, with
-    `config.eval_train`, the paper's training loss (its Fig. 1): the objective over the
-    whole training set in inference mode, `penalty` (that of the evaluated weights)
-    included."""
+    """An epoch's evaluation fields: the test loss and accuracy, those of the
+    validation split with `config.validation_fraction` and, with `config.eval_train`,
+    the paper's training loss (its Fig. 1): the objective over the whole training set in
+    inference mode, `penalty` (that of the evaluated weights) included."""
     test = self.evaluate(parallel, state)
     row = {'test_loss': test['loss'], 'test_accuracy': test['accuracy']}
+    if self.config.validation_fraction:
+      validation = self.evaluate(parallel, state, 'validation')
+      row.update(validation_loss=validation['loss'], validation_accuracy=validation['accuracy'])
     if self.config.eval_train:
       train = self.evaluate(parallel, state, 'train')
       row.update(eval_train_loss=train['loss'] + penalty, eval_train_accuracy=train['accuracy'])
@@ -278,6 +282,12 @@ class LanguageModel(_Task):
     the corpus, the model's sizes and dropouts, its activation penalties and the
     evaluation streams."""
     check_choice(config, 'dataset', text_pipeline.TEXT_DATASETS)
+    if config.validation_fraction:
+      raise invalid_field(
+        'validation_fraction',
+        config.validation_fraction,
+        "0 for a language model: its corpus has its own 'validation' split",
+      )
     for field in ('embedding_size', 'hidden_size', 'num_layers', 'bptt', 'eval_batch_size'):
       check_number(config, field, lower=1, integer=True)
     for field in (

@@ -10,24 +10,25 @@ import jax
 import numpy as np
 import pytest
 
-from examples import compare, input_pipeline, optimizers, schema, sweep, tasks, train
+from examples import checkpoints, compare, input_pipeline, optimizers, schema, sweep, tasks, train
 from examples.configs import digits
 
 
-def _config(optimizer: str, steps: int = 4):
+def _config(optimizer: str, steps: int = 4, validation_fraction: float = 0.15):
   config = compare.optimizer_config(digits.get_config(), optimizer)
   config.num_epochs = 1
   config.steps_per_epoch = steps
   config.steps_per_eval = 2
+  config.validation_fraction = validation_fraction
   return config
 
 
-def _one_at_a_time(config, setting, seed, validation_fraction):
+def _one_at_a_time(config, setting, seed):
   """The per-step losses of one run as the trainer builds it: its own config, optimizer,
-  initial state and jitted `train.train_step`, on its seed's batches of the fit split."""
+  initial state and jitted `train.train_step`, on its seed's batches of the training
+  split less the validation split."""
   config = schema.resolve_config(config)
   config.seed = seed
-  config.dataset = sweep.fit_dataset(config.dataset, validation_fraction)
   if config.optimizer == 'sgd_sa':
     config.metropolis_multipliers = tuple(
       m * setting.learning_rate for m in config.metropolis_multipliers
@@ -57,12 +58,10 @@ def test_vmapped_runs_equal_runs_one_at_a_time(optimizer, runs_per_vmap):
   rho = 0.9 if optimizer == 'coolmomentum' else None
   settings = [sweep.Setting(center * 3.0, rho), sweep.Setting(center, 0.99 if rho else None)]
   seeds = [0, 5]
-  runs = sweep.train_runs(
-    config, settings, seeds, validation_fraction=0.2, runs_per_vmap=runs_per_vmap
-  )
+  runs = sweep.train_runs(config, settings, seeds, runs_per_vmap=runs_per_vmap)
   assert runs.step_loss.shape == (4, 4)
   for i, (setting, seed) in enumerate(zip(runs.settings, runs.seeds, strict=True)):
-    expected = _one_at_a_time(config, setting, seed, 0.2)
+    expected = _one_at_a_time(config, setting, seed)
     np.testing.assert_allclose(runs.step_loss[i], expected, rtol=2e-5, atol=1e-6)
   # The settings and the seeds make different runs.
   assert not np.allclose(runs.step_loss[0], runs.step_loss[1])
@@ -99,8 +98,11 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
     assert key in stored
   assert os.path.exists(tmp_path / 'clean' / sweep.SWEEP_MD)
   assert os.path.exists(tmp_path / 'clean' / sweep.CURVES_PNG)
-  # TensorBoard event files per run: three rates, one seed.
-  assert len(os.listdir(tmp_path / 'clean' / 'momentum')) == 3
+  # TensorBoard event files per run (three rates, one seed) beside the runs' checkpoints.
+  assert sorted(os.listdir(tmp_path / 'clean' / 'momentum')) == sorted(
+    ['checkpoints', 'config.json']
+    + [sweep.run_name(sweep.Setting(e['learning_rate'], e['rho_0']), 0) for e in clean['grid']]
+  )
 
 
 def test_diverged_settings_are_marked_and_never_selected():
@@ -173,7 +175,11 @@ def test_empty_optimizer_list_and_settings_are_refused(tmp_path):
   with pytest.raises(ValueError, match='settings'):
     sweep.train_runs(_config('momentum'), [], [0])
   with pytest.raises(ValueError, match='validation_fraction'):
-    sweep.fit_dataset('digits', 1.0)
+    sweep.train_runs(_config('momentum', validation_fraction=0.0), [sweep.Setting(0.1, None)], [0])
+  with pytest.raises(ValueError, match='validation_fraction'):
+    sweep.sweep(_config('momentum'), str(tmp_path), ['momentum'], grid, validation_fraction=1.0)
+  with pytest.raises(ValueError, match='center'):
+    sweep.sweep(_config('momentum'), str(tmp_path), ['momentum'], grid, center='middle')
 
 
 def test_a_model_with_a_named_axis_is_refused_with_the_cause():
@@ -181,3 +187,88 @@ def test_a_model_with_a_named_axis_is_refused_with_the_cause():
   model = task.create_model(axis_name='batch')
   with pytest.raises(ValueError, match='axis_name'):
     sweep.build_program(config, task, model)
+
+
+def _grid_numbers(result):
+  return [{k: v for k, v in e.items()} for e in result['grid']]
+
+
+def test_a_killed_sweep_reruns_to_the_same_numbers(tmp_path, monkeypatch, capsys):
+  # SGD-SA: its Metropolis keys and accept/reject decisions are in the state resumed.
+  config = _config('sgd_sa', steps=2)
+  config.num_epochs = 2
+  grid = sweep.make_grid(num_rates=2, num_seeds=2)
+  whole = sweep.sweep(config, str(tmp_path / 'whole'), ['sgd_sa'], grid)['sgd_sa']
+
+  save = checkpoints.save_checkpoint
+
+  def save_then_die(manager, *args, **kwargs):
+    save(manager, *args, **kwargs)
+    manager.wait_until_finished()
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoints, 'save_checkpoint', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.sweep(config, str(tmp_path / 'killed'), ['sgd_sa'], grid)
+  monkeypatch.undo()
+  capsys.readouterr()
+  resumed = sweep.sweep(config, str(tmp_path / 'killed'), ['sgd_sa'], grid, verbose=True)
+  printed = capsys.readouterr().out
+  # It continued after the checkpoint of epoch 1, and ended where the whole sweep did.
+  assert 'epoch 1/2' not in printed and 'epoch 2/2' in printed
+  assert _grid_numbers(resumed['sgd_sa']) == _grid_numbers(whole)
+  assert resumed['sgd_sa']['selected'] == whole['selected']
+
+
+def test_a_rerun_with_another_config_or_grid_is_refused(tmp_path):
+  config = _config('momentum', steps=2)
+  grid = sweep.make_grid(num_rates=1, num_seeds=1)
+  workdir = str(tmp_path / 'sweep')
+  sweep.sweep(config, workdir, ['momentum'], grid)
+  with pytest.raises(ValueError, match=r'config\.sweep_seeds: stored \[0\], new \[0, 1\]'):
+    sweep.sweep(config, workdir, ['momentum'], sweep.make_grid(num_rates=1, num_seeds=2))
+  changed = _config('momentum', steps=2)
+  changed.batch_size = 16
+  with pytest.raises(ValueError, match=r'config\.batch_size: stored 32, new 16'):
+    sweep.sweep(changed, workdir, ['momentum'], grid)
+  # The stored config and grid continue (here: nothing left to train).
+  sweep.sweep(config, workdir, ['momentum'], grid)
+
+
+def test_a_grid_beyond_the_memory_is_refused_with_the_largest_that_fits():
+  config, task = train.prepare(_config('coolmomentum'))
+  program = sweep.build_program(config, task)
+  estimate = sweep.estimate_memory(program, task, config, runs_per_device=2)
+  assert estimate.bytes > estimate.bytes_per_run > 0
+  limit = estimate.bytes - 1
+  with pytest.raises(ValueError, match=r'estimated [\d.]+ MiB per device') as error:
+    sweep.check_memory(estimate, 16, limit, optimizer='coolmomentum')
+  fits = estimate.largest_fitting(limit)
+  assert fits == 1
+  assert f'The largest grid that fits is {fits * jax.device_count()} runs' in str(error.value)
+  sweep.check_memory(estimate, 16, estimate.bytes, optimizer='coolmomentum')
+  # The refusal comes before anything compiles: through train_runs, with a limit.
+  with pytest.raises(ValueError, match='largest grid that fits is 0 runs'):
+    sweep.train_runs(_config('coolmomentum'), [sweep.Setting(0.01, 0.9)], [0], memory_limit=1024)
+
+
+def test_the_memory_estimate_bounds_what_xla_allocates():
+  config, task = train.prepare(_config('coolmomentum'))
+  program = sweep.build_program(config, task)
+  for runs_per_device in (1, 4):
+    jaxpr = sweep.trace_step(program, task, config, runs_per_device)
+    estimate = sweep.peak_bytes(sweep._device_step_jaxpr(jaxpr))
+    hparams = sweep._abstract_hparams(runs_per_device * jax.device_count())
+    states = jax.eval_shape(program.init, hparams)
+    batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
+    )
+    stats = program.train_step.lower(hparams, states, batch).compile().memory_analysis()
+    allocated = (
+      stats.argument_size_in_bytes
+      + stats.output_size_in_bytes
+      - stats.alias_size_in_bytes
+      + stats.temp_size_in_bytes
+    )
+    # From above, and not by more than an order of magnitude.
+    assert allocated <= estimate <= 10 * allocated, (runs_per_device, estimate, allocated)

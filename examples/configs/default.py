@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthetic_train_size = 1024  # Synthetic data only: examples in the train split.
   config.synthetic_test_size = 256  # Synthetic data only: examples in the test split.
   config.label_smoothing = 0.0  # In [0, 1); image classification only.
+  # In [0, 1); image data sets only: the last this fraction of the training split is held
+  # out as the 'validation' split (evaluated every epoch beside the test split), for
+  # choosing hyperparameters without the test split (examples.sweep does); 0: none.
+  config.validation_fraction = 0.0
 
   # Length of a run. steps_per_epoch / steps_per_eval = -1: derived from the dataset.
   config.batch_size = 32  # Global, over all processes and devices.
