@@ -8,7 +8,9 @@ another, each run is what the trainer compiles: its own optimizer and a jitted
 `examples.sweep`. Printed: images/s of the whole sweep (compilation included) and of the
 steady steps (after each program's first step), and their ratio, also for the one
 program stepping its runs one at a time (`runs_per_vmap=1`); then the vmapped
-steady images/s for each K of `--ks`, which shows where vmapping stops paying.
+steady images/s for each K of `--ks`, which shows where vmapping stops paying, and the
+memory of the K-run step: the sweep's estimate (from the traced step, before compiling)
+against what XLA allocates for the compiled step.
 
 From the repository root:
 
@@ -106,6 +108,15 @@ def time_one_after_another(config, task, runs, batches, steps):
   return time.perf_counter() - start, steady_seconds / (len(runs) * max(1, steps - 1))
 
 
+def memory(config, task, k: int) -> tuple[float, float]:
+  """(the sweep's estimate, XLA's allocation) in MiB of the train step of K runs on one
+  device: `examples.sweep.estimate_memory` from the traced step, and
+  `examples.sweep.compiled_memory` of the compiled step."""
+  program = sweep.build_program(config, task)
+  estimate = sweep.estimate_memory(program, task, config, k)
+  return estimate.bytes / 2**20, sweep.compiled_memory(program, task, k) / 2**20
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', type=int, default=16)
@@ -147,6 +158,13 @@ def main(argv=None) -> None:
     print(
       f'  K={k:4d}: steady {rate:8.0f} images/s ({rate * step_s / config.batch_size:.2f}x), '
       f'whole {whole:6.1f} s'
+    )
+  print('memory of the train step per device by K (estimate from the traced step; XLA):')
+  for k in (int(k) for k in args.ks.split(',') if k):
+    estimate, allocated = memory(config, task, k)
+    print(
+      f'  K={k:4d}: estimate {estimate:8.1f} MiB, XLA {allocated:8.1f} MiB '
+      f'({estimate / allocated:.2f}x)'
     )
   print(f'load average after: {os.getloadavg()}')
 

@@ -2,24 +2,38 @@
 
   python -m examples.sweep --config examples/configs/digits.py --workdir /tmp/sweep \
     [--optimizers coolmomentum,momentum,adam,sgd_sa] [--seeds 3] [--num_rates 5] \
-    [--rate_span 30] [--rho_0s 0.9,0.99,0.999] [--validation_fraction 0.15]
+    [--rate_span 30] [--rho_0s 0.9,0.99,0.999] [--validation_fraction 0.15] \
+    [--center recipe|lr_find] [--memory_limit_gib 0] [--runs_per_vmap 0]
 
 For each optimizer of `--optimizers` (its recipe from `config.optimizers`, as
 examples.compare trains it), a grid of settings: `--num_rates` learning rates spaced
-geometrically over `--rate_span` times around the recipe's rate (for 'sgd_sa', which has
-no rate, a scale of its multipliers around 1), times `--rho_0s` for the CoolMomentum
-optimizers, times `--seeds` seeds. All the runs of one optimizer train together in one
-compiled program: the train state carries a leading run axis, the step is `jax.vmap`ped
-over it, and the run axis is sharded over the devices (`jax.jit` with a `NamedSharding`).
-Each run has its own hyperparameters (traced values inside the one program), its own
-initialisation, dropout and Metropolis keys (from its seed, as the trainer derives them)
-and its own batch order (that of its seed).
+geometrically over `--rate_span` times around the recipe's rate, or with
+`--center=lr_find` around the suggestion of examples.lr_find (which takes its own flags:
+--num_steps, --lr_min, --lr_max, --rule, --smoothing, --divergence_threshold), for
+'sgd_sa', which has no rate, a scale of its multipliers around 1; times `--rho_0s` for
+the CoolMomentum optimizers, times `--seeds` seeds. All the runs of one optimizer train
+together in one compiled program: the train state carries a leading run axis, the step is
+`jax.vmap`ped over it, and the run axis is sharded over the devices (`jax.jit` of a
+`shard_map`), so that 8 devices train 8 times the runs. Each run has its own
+hyperparameters (traced values inside the one program), its own initialisation, dropout
+and Metropolis keys (from its seed, as the trainer derives them) and its own batch order
+(that of its seed).
 
 Selection is honest: the last `--validation_fraction` of the training split (a fixed
-function of the data set, not of the seed) is held out; the runs train on the rest, and
-each optimizer's setting is the one of best mean validation accuracy over seeds among the
+function of the data set, not of the seed; `config.validation_fraction`, see
+examples/input_pipeline.py) is held out; the runs train on the rest, and each
+optimizer's setting is the one of best mean validation accuracy over seeds among the
 settings none of whose runs diverged (a non-finite loss in the last epoch). The test split
 is only reported, at the chosen setting: mean and standard deviation over seeds.
+
+Before anything compiles, the step's memory on one device is estimated from its traced
+program (`peak_bytes`), and a grid that would not fit the device's memory (or
+`--memory_limit_gib`) is refused with the estimate and the largest grid that fits.
+
+A sweep is resumable as the trainer is: the workdir is locked while it runs, and each
+optimizer's runs keep their config.json and a checkpoint at every epoch's end in
+<optimizer>/ (all runs' states and records, checksummed). A killed sweep reruns to the
+same numbers; a rerun with another config or grid is refused with the fields named.
 
 The workdir receives sweep.json (per optimizer: `selected`, `test_accuracy_mean`,
 `test_accuracy_std`, `num_seeds`, `train_loss_mean`, `grid` with every setting's
@@ -28,8 +42,8 @@ validation and test accuracy, diverged cells marked 'div') and curves.png (each
 optimizer's chosen setting, mean over seeds with a band of one standard deviation), and
 TensorBoard event files per run in <optimizer>/<run_name>/ (`tensorboard --logdir WORKDIR`).
 
-Only image classifiers on data sets held in memory (digits, synthetic) are swept.
-"""
+Image classifiers are swept (any of examples/input_pipeline.py's data sets); a language
+model is refused."""
 
 from __future__ import annotations
 
@@ -360,6 +374,16 @@ def _abstract_hparams(num_runs: int) -> dict[str, jax.ShapeDtypeStruct]:
   }
 
 
+def _abstract_inputs(program: Program, task: tasks.Task, runs_per_device: int) -> tuple[Any, ...]:
+  """The shapes of the train step's arguments (hyperparameters, states, batches of one
+  seed) for `runs_per_device` runs on each device."""
+  hparams = _abstract_hparams(runs_per_device * jax.device_count())
+  batch = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
+  )
+  return hparams, jax.eval_shape(program.init, hparams), batch
+
+
 def trace_step(
   program: Program, task: tasks.Task, config: ml_collections.ConfigDict, runs_per_device: int
 ) -> jaxpr_core.ClosedJaxpr:
@@ -370,13 +394,8 @@ def trace_step(
   Raises:
     ValueError: if the model cannot run under `jax.vmap` over the runs.
   """
-  hparams = _abstract_hparams(runs_per_device * jax.device_count())
-  batch = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
-  )
   try:
-    states = jax.eval_shape(program.init, hparams)
-    return jax.make_jaxpr(program.train_step)(hparams, states, batch)
+    return jax.make_jaxpr(program.train_step)(*_abstract_inputs(program, task, runs_per_device))
   except NameError as error:
     raise ValueError(
       f'The model of config.model={config.model!r} cannot train under jax.vmap over the '
@@ -486,6 +505,20 @@ def estimate_memory(
     for k in (runs_per_device, runs_per_device + 1)
   ]
   return MemoryEstimate(runs_per_device, at[0], at[1] - at[0])
+
+
+def compiled_memory(program: Program, task: tasks.Task, runs_per_device: int) -> int:
+  """What XLA allocates on one device for `program`'s compiled train step at
+  `runs_per_device` runs: its arguments, outputs (less those aliased to the donated
+  states) and temporaries. It compiles the step: for checking `estimate_memory`."""
+  compiled = program.train_step.lower(*_abstract_inputs(program, task, runs_per_device))
+  stats = compiled.compile().memory_analysis()
+  return (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
 
 
 def check_memory(estimate: MemoryEstimate, num_runs: int, limit: int, *, optimizer: str) -> None:
@@ -608,6 +641,11 @@ def train_runs(
       under vmap, a grid whose estimated memory exceeds `memory_limit` bytes per device
       (default: `device_memory()`), or a workdir of another sweep.
   """
+  if jax.process_count() > 1:
+    raise ValueError(
+      f'The sweep runs in one process (its devices train their blocks of runs), got '
+      f'{jax.process_count()} processes: run it on one host.'
+    )
   if not settings:
     raise ValueError('settings must hold at least one setting to train, got none.')
   if not seeds:
@@ -937,9 +975,9 @@ def sweep(
     raise ValueError(f'center must be one of {CENTERS}, got center={center!r}.')
   if config.validation_fraction not in (0.0, validation_fraction):
     raise ValueError(
-      f'config.validation_fraction={config.validation_fraction} and the sweep\'s '
+      f"config.validation_fraction={config.validation_fraction} and the sweep's "
       f'validation_fraction={validation_fraction} (--validation_fraction) disagree: set the '
-      'sweep\'s, and leave the config\'s at 0 or equal to it.'
+      "sweep's, and leave the config's at 0 or equal to it."
     )
   configs = {}
   for name in optimizer_names:

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from examples import input_pipeline, workdir
-from examples.configs import digits, lstm_lm
+from examples.configs import cifar10_resnet20, digits, lstm_lm
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +33,22 @@ def short(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigD
 def short_digits(**fields) -> ml_collections.ConfigDict:
   """The digits recipe cut to one epoch of three steps, then `fields`."""
   return short(digits.get_config(), **{'steps_per_epoch': 3, **fields})
+
+
+def synthetic_cifar10(**fields) -> ml_collections.ConfigDict:
+  """The CIFAR-10 recipe (ResNet-20 with BatchNorm, L2 on kernels, CoolMomentum) on small
+  synthetic images (8x8, 32 training examples, 8 test examples), then `fields`."""
+  config = cifar10_resnet20.get_config()
+  config.update(
+    dataset='synthetic',
+    image_size=8,
+    synthetic_train_size=32,
+    synthetic_test_size=8,
+    batch_size=8,
+    progress_bar=False,
+  )
+  config.update(fields)
+  return config
 
 
 def tiny_language_model(**fields) -> ml_collections.ConfigDict:

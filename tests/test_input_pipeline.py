@@ -647,3 +647,60 @@ def test_a_spec_reads_from_tfds_or_from_arrays():
     )
   with pytest.raises(ValueError, match='needs num_classes'):
     input_pipeline.DatasetSpec(**shape, arrays=lambda options: {})
+
+
+def _real(batches):
+  """The unpadded examples of evaluation batches, in order."""
+  num_real = int(_stack(batches, 'mask').sum())
+  return {key: _stack(batches, key)[:num_real] for key in ('image', 'label')}
+
+
+def test_the_validation_split_is_the_last_part_of_the_training_split():
+  held_out = dataclasses.replace(SYNTHETIC, validation_fraction=0.25)
+  info = input_pipeline.dataset_info(held_out)
+  assert (info.num_train, info.num_validation, info.num_test) == (48, 16, 20)
+  stored = _real(_epoch(SYNTHETIC, 'train', global_batch_size=16, evaluation=True))
+  fit = _real(_epoch(held_out, 'train', global_batch_size=16, evaluation=True))
+  validation = _real(_epoch(held_out, 'validation', global_batch_size=16))
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(fit[key], stored[key][:48])
+    np.testing.assert_array_equal(validation[key], stored[key][48:])
+  # Training reads the 48 examples of its part only, every one of them.
+  trained = np.unique(
+    _stack(_epoch(held_out, global_batch_size=16), 'image').reshape(48, -1), axis=0
+  )
+  np.testing.assert_array_equal(trained, np.unique(fit['image'].reshape(48, -1), axis=0))
+  # The test split is untouched; the validation split is read as the test split is.
+  _assert_same(
+    _epoch(held_out, 'test', global_batch_size=16), _epoch(SYNTHETIC, 'test', global_batch_size=16)
+  )
+  assert len(_epoch(held_out, 'validation', global_batch_size=16, num_steps=3)) == 3
+
+
+@pytest.mark.parametrize('cache', [True, False])
+def test_a_tfds_validation_split_is_sliced_from_the_stored_training_split(tmp_path, cache):
+  options = Options('cifar10', data_dir=str(tmp_path), cache=cache)
+  held_out = dataclasses.replace(options, validation_fraction=0.2)
+  with mock_tfds(options.data_dir, options.dataset, NUM_MOCK_EXAMPLES):
+    read = functools.partial(_epoch, global_batch_size=4, num_local_devices=2)
+    stored = _real(read(options, 'train', evaluation=True))
+    fit = _real(read(held_out, 'train', evaluation=True))
+    validation = _real(read(held_out, 'validation'))
+  assert len(fit['label']) == 8 and len(validation['label']) == 2
+  np.testing.assert_array_equal(
+    np.concatenate([fit['label'], validation['label']]), stored['label']
+  )
+  # The pixel mean is that of the part trained on, so the images differ by a constant.
+  shift = np.concatenate([fit['image'], validation['image']]) - stored['image']
+  np.testing.assert_allclose(shift, shift[:1].repeat(len(shift), axis=0), atol=1e-6)
+
+
+def test_bad_validation_fractions_are_refused_naming_the_field():
+  with pytest.raises(ValueError, match=r'validation_fraction must be in \[0, 1\).*1\.0'):
+    dataclasses.replace(SYNTHETIC, validation_fraction=1.0)
+  with pytest.raises(ValueError, match='validation_fraction must be in'):
+    dataclasses.replace(SYNTHETIC, validation_fraction=-0.1)
+  with pytest.raises(ValueError, match=r"split='validation'.*validation_fraction=0\.0"):
+    _epoch(SYNTHETIC, 'validation')
+  with pytest.raises(ValueError, match='holds out all 64 training examples'):
+    input_pipeline.dataset_info(dataclasses.replace(SYNTHETIC, validation_fraction=0.999))

@@ -8,8 +8,8 @@ import pytest
 
 import coolopt
 from examples import checkpoints, lr_find, optimizers, schema, text_pipeline
-from examples.configs import cifar10_resnet20, digits, imagenet_efficientnet_b0
-from tests.helpers import run_module, tiny_language_model
+from examples.configs import digits, imagenet_efficientnet_b0
+from tests.helpers import run_module, synthetic_cifar10, tiny_language_model
 
 
 def _digits(**fields):
@@ -86,17 +86,7 @@ def test_stops_once_the_loss_diverges(tmp_path):
 
 
 def test_synthetic_cifar10_resnet20(tmp_path):
-  # The CIFAR-10 recipe (ResNet-20, L2 on kernels, CoolMomentum) on small synthetic images.
-  config = cifar10_resnet20.get_config()
-  config.update(
-    dataset='synthetic',
-    image_size=8,
-    synthetic_train_size=32,
-    synthetic_test_size=8,
-    batch_size=8,
-    parallelism='jit',
-    progress_bar=False,
-  )
+  config = synthetic_cifar10(parallelism='jit')
   result = lr_find.lr_find(config, str(tmp_path), num_steps=6, lr_min=1e-3, lr_max=1e-1)
   _assert_result(result, num_steps=6, lr_min=1e-3, lr_max=1e-1)
   # 6 steps: an epoch of 4 batches of the 32 examples, and 2 of the next.

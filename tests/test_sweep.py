@@ -12,6 +12,7 @@ import pytest
 
 from examples import checkpoints, compare, input_pipeline, optimizers, schema, sweep, tasks, train
 from examples.configs import digits
+from tests.helpers import synthetic_cifar10
 
 
 def _config(optimizer: str, steps: int = 4, validation_fraction: float = 0.15):
@@ -238,6 +239,12 @@ def test_a_rerun_with_another_config_or_grid_is_refused(tmp_path):
 def test_a_grid_beyond_the_memory_is_refused_with_the_largest_that_fits():
   config, task = train.prepare(_config('coolmomentum'))
   program = sweep.build_program(config, task)
+  # The run axis is sharded: each of the 8 devices holds its own 2 runs.
+  hparams = {k: np.zeros(v.shape, v.dtype) for k, v in sweep._abstract_hparams(16).items()}
+  states = program.init(jax.device_put(hparams, program.sharding))
+  for leaf in jax.tree.leaves(states.params):
+    assert len(leaf.sharding.device_set) == 8
+    assert {shard.data.shape[0] for shard in leaf.addressable_shards} == {2}
   estimate = sweep.estimate_memory(program, task, config, runs_per_device=2)
   assert estimate.bytes > estimate.bytes_per_run > 0
   limit = estimate.bytes - 1
@@ -256,19 +263,60 @@ def test_the_memory_estimate_bounds_what_xla_allocates():
   config, task = train.prepare(_config('coolmomentum'))
   program = sweep.build_program(config, task)
   for runs_per_device in (1, 4):
-    jaxpr = sweep.trace_step(program, task, config, runs_per_device)
-    estimate = sweep.peak_bytes(sweep._device_step_jaxpr(jaxpr))
-    hparams = sweep._abstract_hparams(runs_per_device * jax.device_count())
-    states = jax.eval_shape(program.init, hparams)
-    batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
-    )
-    stats = program.train_step.lower(hparams, states, batch).compile().memory_analysis()
-    allocated = (
-      stats.argument_size_in_bytes
-      + stats.output_size_in_bytes
-      - stats.alias_size_in_bytes
-      + stats.temp_size_in_bytes
-    )
+    estimate = sweep.estimate_memory(program, task, config, runs_per_device).bytes
+    allocated = sweep.compiled_memory(program, task, runs_per_device)
     # From above, and not by more than an order of magnitude.
     assert allocated <= estimate <= 10 * allocated, (runs_per_device, estimate, allocated)
+
+
+@pytest.mark.parametrize(
+  ('optimizer', 'cooling'),
+  [
+    ('metropolis_coolmomentum', 'exponential'),
+    ('coolmomentum', 'thermostat'),
+    ('adam', None),
+  ],
+)
+def test_every_optimizer_trains_vmapped_as_it_trains_alone(optimizer, cooling):
+  config = _config(optimizer, steps=3)
+  if cooling is not None:
+    config.cooling = cooling
+  center = sweep.recipe_rate(schema.resolve_config(config))
+  rho = 0.9 if optimizer in optimizers.COOLMOMENTUM_OPTIMIZERS else None
+  setting = sweep.Setting(center * 2.0, rho)
+  runs = sweep.train_runs(config, [setting], [3])
+  np.testing.assert_allclose(
+    runs.step_loss[0], _one_at_a_time(config, setting, 3), rtol=2e-5, atol=1e-6
+  )
+
+
+def test_synthetic_cifar10_sweeps_its_runs_over_the_eight_devices(tmp_path):
+  # The CIFAR-10 recipe on small synthetic images: 2 rates x 2 rho_0 x 2 seeds, one run on
+  # each test device.
+  config = synthetic_cifar10(
+    synthetic_train_size=96,
+    synthetic_test_size=16,
+    batch_size=16,
+    num_epochs=1,
+    steps_per_epoch=2,
+    steps_per_eval=1,
+  )
+  assert jax.device_count() == 8
+  grid = sweep.make_grid(num_rates=2, rate_span=10.0, rho_0s=(0.9, 0.99), num_seeds=2)
+  result = sweep.sweep(config, str(tmp_path), ['coolmomentum'], grid)['coolmomentum']
+  assert len(result['grid']) == 4 and all(e['num_seeds'] == 2 for e in result['grid'])
+  assert result['selected'] is not None
+  assert os.path.exists(tmp_path / sweep.HEATMAP_PNG)
+
+
+def test_the_grid_can_centre_on_the_range_tests_suggestion(tmp_path):
+  config = _config('momentum', steps=2)
+  grid = sweep.make_grid(num_rates=3, rate_span=9.0, num_seeds=1)
+  lr_find_args = {'num_steps': 20, 'lr_min': 1e-4, 'lr_max': 1.0}
+  result = sweep.sweep(
+    config, str(tmp_path), ['momentum'], grid, center='lr_find', lr_find_args=lr_find_args
+  )['momentum']
+  with open(tmp_path / 'momentum' / 'lr_find.json') as f:
+    suggestion = json.load(f)['suggested_learning_rate']
+  rates = [e['learning_rate'] for e in result['grid']]
+  np.testing.assert_allclose(rates, [suggestion / 3, suggestion, suggestion * 3], rtol=1e-6)

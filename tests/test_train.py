@@ -46,6 +46,7 @@ from tests.helpers import (
   run_module,
   short,
   short_digits,
+  tiny_language_model,
 )
 
 NUM_MOCK_EXAMPLES = 16
@@ -659,3 +660,15 @@ def test_thermostat_refuses_a_momentum_warmup(tmp_path):
   config = _bad('cooling', 'thermostat', warmup_epochs=1.0)
   with pytest.raises(ValueError, match=r'config.warmup_epochs must be 0 with config.cooling='):
     schema.validate_config(config)
+
+
+def test_a_validation_split_is_held_out_and_evaluated_every_epoch(tmp_path):
+  config = short_digits(optimizer='momentum', validation_fraction=0.2, steps_per_eval=-1)
+  train.train_and_evaluate(config, str(tmp_path))
+  (row,) = read_rows(tmp_path)
+  assert 0.0 <= row['validation_accuracy'] <= 1.0 and row['validation_loss'] > 0
+  with open(tmp_path / 'config.json') as f:
+    assert json.load(f)['validation_fraction'] == 0.2
+  # The language model's corpus has its own validation split: the field is refused.
+  with pytest.raises(ValueError, match='validation_fraction'):
+    schema.validate_config(tiny_language_model(validation_fraction=0.1))
