@@ -1,6 +1,7 @@
-"""K vmapped digits runs (examples.sweep) against the same K runs one after another.
+"""K vmapped runs (examples.sweep) against the same K runs one after another.
 
-The runs are CoolMomentum on examples/configs/digits.py: rates around the recipe's 0.01
+The runs are CoolMomentum on examples/configs/digits.py (or, with `--model resnet20`, the
+CIFAR-10 recipe's ResNet-20 on synthetic 32x32 images): rates around the recipe's rate
 times seeds, rho_0 = 0.99, `--steps` steps each on the batches of their seeds (read
 once, before the clocks start, so that both sides time the steps alone). One after
 another, each run is what the trainer compiles: its own optimizer and a jitted
@@ -16,6 +17,7 @@ From the repository root:
 
   python -m benchmarks.sweep
   python -m benchmarks.sweep --runs 16 --steps 38 --ks 1,4,16,64
+  python -m benchmarks.sweep --model resnet20 --runs 4 --steps 8 --ks 1,4
 """
 
 from __future__ import annotations
@@ -30,11 +32,21 @@ import numpy as np
 
 from benchmarks.machine import machine
 from examples import compare, optimizers, schema, sweep, tasks, train
-from examples.configs import digits
+from examples.configs import cifar10_resnet20, digits
 
 
-def _setup(num_runs: int, steps: int):
-  config = compare.optimizer_config(digits.get_config(), 'coolmomentum')
+def _base_config(name: str):
+  """'digits': the digits recipe (a small CNN on 8x8 images); 'resnet20': the CIFAR-10
+  recipe (ResNet-20) on synthetic 32x32 images, a model ~100x the CNN's compute."""
+  if name == 'digits':
+    return digits.get_config()
+  config = cifar10_resnet20.get_config()
+  config.update(dataset='synthetic', image_size=32, synthetic_train_size=2048)
+  return config
+
+
+def _setup(num_runs: int, steps: int, model: str = 'digits'):
+  config = compare.optimizer_config(_base_config(model), 'coolmomentum')
   config.num_epochs = 1
   config.steps_per_epoch = steps
   config, task = train.prepare(config)
@@ -122,10 +134,11 @@ def main(argv=None) -> None:
   parser.add_argument('--runs', type=int, default=16)
   parser.add_argument('--steps', type=int, default=38)
   parser.add_argument('--ks', default='1,4,16,64', help='vmapped run counts to scan')
+  parser.add_argument('--model', choices=('digits', 'resnet20'), default='digits')
   args = parser.parse_args(argv)
   print(machine())
   print(f'load average before: {os.getloadavg()}')
-  config, task, runs, batches = _setup(args.runs, args.steps)
+  config, task, runs, batches = _setup(args.runs, args.steps, args.model)
   schema.validate_config(config)
   images = len(runs) * args.steps * config.batch_size
   whole_v, step_v = time_vmapped(config, task, runs, batches, args.steps)
@@ -152,7 +165,7 @@ def main(argv=None) -> None:
     f'{config.batch_size / step_s:.0f}):'
   )
   for k in (int(k) for k in args.ks.split(',') if k):
-    config_k, task_k, runs_k, batches_k = _setup(k, args.steps)
+    config_k, task_k, runs_k, batches_k = _setup(k, args.steps, args.model)
     whole, per_step = time_vmapped(config_k, task_k, runs_k, batches_k, args.steps)
     rate = config.batch_size * k / per_step
     print(

@@ -9,7 +9,7 @@ import pytest
 import coolopt
 from examples import checkpoints, lr_find, optimizers, schema, text_pipeline
 from examples.configs import digits, imagenet_efficientnet_b0
-from tests.helpers import run_module, synthetic_cifar10, tiny_language_model
+from tests.helpers import run_module, tiny_language_model
 
 
 def _digits(**fields):
@@ -83,15 +83,6 @@ def test_stops_once_the_loss_diverges(tmp_path):
   smoothed = np.asarray([np.inf if x is None else x for x in result['smoothed_losses']])
   assert not smoothed[stop] <= 4.0 * smoothed[:stop].min()
   assert result == _read(tmp_path)
-
-
-def test_synthetic_cifar10_resnet20(tmp_path):
-  config = synthetic_cifar10(parallelism='jit')
-  result = lr_find.lr_find(config, str(tmp_path), num_steps=6, lr_min=1e-3, lr_max=1e-1)
-  _assert_result(result, num_steps=6, lr_min=1e-3, lr_max=1e-1)
-  # 6 steps: an epoch of 4 batches of the 32 examples, and 2 of the next.
-  assert (tmp_path / lr_find.PLOT_FILE).stat().st_size > 0
-  assert not (tmp_path / checkpoints.CHECKPOINT_DIR).exists()
 
 
 def test_language_model(tmp_path):

@@ -4,13 +4,24 @@ reads the test split, and bad input is refused with the field named."""
 import dataclasses
 import functools
 import json
+import math
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from examples import checkpoints, compare, input_pipeline, optimizers, schema, sweep, tasks, train
+from examples import (
+  checkpoints,
+  compare,
+  input_pipeline,
+  lr_find,
+  optimizers,
+  schema,
+  sweep,
+  tasks,
+  train,
+)
 from examples.configs import digits
 from tests.helpers import synthetic_cifar10
 
@@ -247,13 +258,13 @@ def test_a_grid_beyond_the_memory_is_refused_with_the_largest_that_fits():
     assert {shard.data.shape[0] for shard in leaf.addressable_shards} == {2}
   estimate = sweep.estimate_memory(program, task, config, runs_per_device=2)
   assert estimate.bytes > estimate.bytes_per_run > 0
-  limit = estimate.bytes - 1
+  # A device whose memory holds the estimate within the fraction kept free passes; one
+  # byte less is refused, with the largest grid that fits.
+  enough = math.ceil(estimate.bytes / sweep.MEMORY_FRACTION)
+  sweep.check_memory(estimate, 16, enough, optimizer='coolmomentum')
   with pytest.raises(ValueError, match=r'estimated [\d.]+ MiB per device') as error:
-    sweep.check_memory(estimate, 16, limit, optimizer='coolmomentum')
-  fits = estimate.largest_fitting(limit)
-  assert fits == 1
-  assert f'The largest grid that fits is {fits * jax.device_count()} runs' in str(error.value)
-  sweep.check_memory(estimate, 16, estimate.bytes, optimizer='coolmomentum')
+    sweep.check_memory(estimate, 16, enough - 2, optimizer='coolmomentum')
+  assert 'The largest grid that fits is 8 runs' in str(error.value)  # One run per device.
   # The refusal comes before anything compiles: through train_runs, with a limit.
   with pytest.raises(ValueError, match='largest grid that fits is 0 runs'):
     sweep.train_runs(_config('coolmomentum'), [sweep.Setting(0.01, 0.9)], [0], memory_limit=1024)
@@ -265,8 +276,8 @@ def test_the_memory_estimate_bounds_what_xla_allocates():
   for runs_per_device in (1, 4):
     estimate = sweep.estimate_memory(program, task, config, runs_per_device).bytes
     allocated = sweep.compiled_memory(program, task, runs_per_device)
-    # From above, and not by more than an order of magnitude.
-    assert allocated <= estimate <= 10 * allocated, (runs_per_device, estimate, allocated)
+    # Within a quarter of what XLA allocates (the benchmark measured 0.92x-1.04x).
+    assert 0.8 <= estimate / allocated <= 1.25, (runs_per_device, estimate, allocated)
 
 
 @pytest.mark.parametrize(
@@ -290,9 +301,9 @@ def test_every_optimizer_trains_vmapped_as_it_trains_alone(optimizer, cooling):
   )
 
 
-def test_synthetic_cifar10_sweeps_its_runs_over_the_eight_devices(tmp_path):
+def test_synthetic_cifar10_sweeps_over_the_eight_devices_around_lr_finds_suggestion(tmp_path):
   # The CIFAR-10 recipe on small synthetic images: 2 rates x 2 rho_0 x 2 seeds, one run on
-  # each test device.
+  # each test device, the rates around the range test's suggestion.
   config = synthetic_cifar10(
     synthetic_train_size=96,
     synthetic_test_size=16,
@@ -302,21 +313,16 @@ def test_synthetic_cifar10_sweeps_its_runs_over_the_eight_devices(tmp_path):
     steps_per_eval=1,
   )
   assert jax.device_count() == 8
-  grid = sweep.make_grid(num_rates=2, rate_span=10.0, rho_0s=(0.9, 0.99), num_seeds=2)
-  result = sweep.sweep(config, str(tmp_path), ['coolmomentum'], grid)['coolmomentum']
+  grid = sweep.make_grid(num_rates=2, rate_span=4.0, rho_0s=(0.9, 0.99), num_seeds=2)
+  lr_find_args = {'num_steps': 6, 'lr_min': 1e-3, 'lr_max': 1e-1}
+  result = sweep.sweep(
+    config, str(tmp_path), ['coolmomentum'], grid, center='lr_find', lr_find_args=lr_find_args
+  )['coolmomentum']
   assert len(result['grid']) == 4 and all(e['num_seeds'] == 2 for e in result['grid'])
   assert result['selected'] is not None
   assert os.path.exists(tmp_path / sweep.HEATMAP_PNG)
-
-
-def test_the_grid_can_centre_on_the_range_tests_suggestion(tmp_path):
-  config = _config('momentum', steps=2)
-  grid = sweep.make_grid(num_rates=3, rate_span=9.0, num_seeds=1)
-  lr_find_args = {'num_steps': 20, 'lr_min': 1e-4, 'lr_max': 1.0}
-  result = sweep.sweep(
-    config, str(tmp_path), ['momentum'], grid, center='lr_find', lr_find_args=lr_find_args
-  )['momentum']
-  with open(tmp_path / 'momentum' / 'lr_find.json') as f:
+  with open(tmp_path / 'coolmomentum' / lr_find.RESULT_FILE) as f:
     suggestion = json.load(f)['suggested_learning_rate']
-  rates = [e['learning_rate'] for e in result['grid']]
-  np.testing.assert_allclose(rates, [suggestion / 3, suggestion, suggestion * 3], rtol=1e-6)
+  assert 1e-4 <= suggestion <= 1e-1
+  rates = sorted({e['learning_rate'] for e in result['grid']})
+  np.testing.assert_allclose(rates, [suggestion / 2, suggestion * 2], rtol=1e-6)
