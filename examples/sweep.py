@@ -709,7 +709,8 @@ def train_runs(
   manager, record = None, _record_config(resolved, settings, seeds)
   if workdir is not None:
     workdir_files.check_config(workdir, record)
-    manager = checkpoints.checkpoint_manager(workdir, max_to_keep=1)
+    # Two: a damaged newest checkpoint falls back to the epoch before it.
+    manager = checkpoints.checkpoint_manager(workdir, max_to_keep=2)
     host, position = checkpoints.restore_checkpoint(
       manager, jax.device_get(states), history, record
     )
@@ -877,18 +878,24 @@ def plot_heatmap(result: Mapping[str, Any], path: str, title: str) -> None:
     for e in grid:
       i, j = rhos.index(e['rho_0']), rates.index(e['learning_rate'])
       if not e['diverged'] and e[key] is not None:
-        values[i, j] = e[key]
-    image = ax.imshow(values, cmap='viridis', aspect='auto', origin='lower')
+        values[i, j] = 100 * e[key]
+    # The colours span the 10th percentile to the best: one collapsed setting would
+    # otherwise paint all the others alike. The labels give every cell's value.
+    finite = values[np.isfinite(values)]
+    low = np.percentile(finite, 10) if finite.size else None
+    image = ax.imshow(values, cmap='viridis', aspect='auto', origin='lower', vmin=low)
+    low, high = image.get_clim()
     for e in grid:
       i, j = rhos.index(e['rho_0']), rates.index(e['learning_rate'])
       text = 'div' if e['diverged'] or e[key] is None else f'{100 * e[key]:.1f}'
-      ax.text(j, i, text, ha='center', va='center', color='w' if text == 'div' else 'k')
+      dark = text == 'div' or values[i, j] < (low + high) / 2
+      ax.text(j, i, text, ha='center', va='center', color='w' if dark else 'k')
     ax.set_xticks(range(len(rates)), [f'{r:.3g}' for r in rates])
     ax.set_yticks(range(len(rhos)), [f'{r:g}' for r in rhos])
     ax.set_xlabel('learning rate')
     ax.set_ylabel('rho_0')
     ax.set_title(f'{title}: mean {label} accuracy (%)')
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, extend='min')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -231,6 +231,16 @@ def test_a_killed_sweep_reruns_to_the_same_numbers(tmp_path, monkeypatch, capsys
   assert _grid_numbers(resumed['sgd_sa']) == _grid_numbers(whole)
   assert resumed['sgd_sa']['selected'] == whole['selected']
 
+  # A damaged last checkpoint: named, set aside, and epoch 2 trained again from epoch 1's.
+  last = tmp_path / 'whole' / 'sgd_sa' / checkpoints.CHECKPOINT_DIR / '4'
+  largest = max((p for p in last.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(largest, 'r+b') as f:
+    f.truncate(largest.stat().st_size // 2)
+  again = sweep.sweep(config, str(tmp_path / 'whole'), ['sgd_sa'], grid, verbose=True)
+  printed = capsys.readouterr().out
+  assert 'The checkpoint 4 in' in printed and 'epoch 2/2' in printed
+  assert _grid_numbers(again['sgd_sa']) == _grid_numbers(whole)
+
 
 def test_a_rerun_with_another_config_or_grid_is_refused(tmp_path):
   config = _config('momentum', steps=2)
