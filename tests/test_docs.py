@@ -55,7 +55,6 @@ def _pages_with_examples() -> list[Path]:
 # The site.
 
 
-# Built once per worker: its tests carry xdist_group('site'), which keeps them on one.
 @pytest.fixture(scope='module')
 def site(tmp_path_factory) -> Path:
   """The HTML site, built from scratch into a temporary directory."""
@@ -74,14 +73,12 @@ def site(tmp_path_factory) -> Path:
   return out / 'html'
 
 
-@pytest.mark.xdist_group('site')
 def test_site_builds_without_warnings(site):
   assert (site / 'index.html').is_file()
   for page in ('method', 'api', 'reproducing', 'benchmarks', 'howto/optax', 'notebooks/quickstart'):
     assert (site / f'{page}.html').is_file(), page
 
 
-@pytest.mark.xdist_group('site')
 def test_notebooks_show_their_outputs(site):
   # Executed when the site is built: every notebook page shows its outputs, and the
   # figures of those that draw.
@@ -94,14 +91,12 @@ def test_notebooks_show_their_outputs(site):
       assert re.search(r'<img [^>]*src="[^"]*\.png"', html), notebook.name
 
 
-@pytest.mark.xdist_group('site')
 def test_api_page_documents_every_public_name(site):
   api = (site / 'api.html').read_text()
   missing = [name for name in coolopt.__all__ if f'id="coolopt.{name}"' not in api]
   assert not missing, f'not in docs/api.md: {missing}'
 
 
-@pytest.mark.xdist_group('site')
 def test_method_page_shows_the_schedules_drawn_at_build_time(site):
   assert 'schedules.png' in (site / 'method.html').read_text()
   figure = site / '_images' / 'schedules.png'

@@ -216,7 +216,6 @@ def digits_runs(method):
   return jax.tree.map(np.asarray, jax.jit(jax.vmap(run))(rates, rhos))
 
 
-# Built once per worker: its tests carry xdist_group('promise'), which keeps them on one.
 @pytest.fixture(scope='module')
 def promise_runs():
   return {method: digits_runs(method) for method in ('exponential', 'thermostat', 'sgd')}
@@ -226,7 +225,6 @@ def converged(loss):
   return np.isfinite(loss) & (loss < 0.5 * np.log(10.0))
 
 
-@pytest.mark.xdist_group('promise')
 @pytest.mark.parametrize('rho_0', PROMISE_RHO_0)
 @pytest.mark.parametrize('learning_rate', PROMISE_RATES)
 def test_converges_wherever_sgd_at_half_the_rate_converges(promise_runs, learning_rate, rho_0):
@@ -240,7 +238,6 @@ def test_converges_wherever_sgd_at_half_the_rate_converges(promise_runs, learnin
   assert np.all(hot < HOT_FACTOR), hot.max()
 
 
-@pytest.mark.xdist_group('promise')
 def test_the_promise_is_tested_where_the_clock_diverges(promise_runs):
   clock_loss, _ = promise_runs['exponential']
   sgd_loss, _ = promise_runs['sgd']

@@ -36,7 +36,6 @@ from tests.helpers import REPO_ROOT, TIMING, read_rows
 from tests.helpers import short_digits as _digits
 
 
-# Built once per worker: its tests carry xdist_group('finished_run'), which keeps them on one.
 @pytest.fixture(scope='module')
 def finished_run(tmp_path_factory):
   """A digits run of 2 epochs of 3 steps (checkpoints 3 and 6) and its final state."""
@@ -205,7 +204,6 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, cap
     checkpoints.restore_checkpoint(manager, target, {'loss': np.zeros(3, np.float32)}, config)
 
 
-@pytest.mark.xdist_group('finished_run')
 def test_a_run_falls_back_from_a_damaged_checkpoint_and_ends_as_before(
   finished_run, tmp_path, capsys
 ):
@@ -227,7 +225,6 @@ def test_a_run_falls_back_from_a_damaged_checkpoint_and_ends_as_before(
 # 4. The trajectory fields live in each checkpoint
 
 
-@pytest.mark.xdist_group('finished_run')
 def test_a_changed_config_is_refused_without_config_json(finished_run, tmp_path):
   directory = _copy(finished_run, tmp_path)
   os.remove(directory / workdir.CONFIG_FILE)
