@@ -1,5 +1,6 @@
-"""Test set-up: eight CPU devices for the data-parallel tests, and one persistent
-compilation cache for the whole session and the processes it starts."""
+"""Test set-up: eight CPU devices for the data-parallel tests, one persistent
+compilation cache for the whole session and the processes it starts, and one directory
+where the test processes share what they compute once."""
 
 import os
 import shutil
@@ -18,12 +19,19 @@ _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
 if _OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax_compilation_cache_')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# What the test processes (pytest-xdist's workers) compute once and share: see
+# `tests.library_helpers.once_per_session`.
+_OWN_SHARED = 'COOLOPT_TEST_SHARED_DIR' not in os.environ
+if _OWN_SHARED:
+  os.environ['COOLOPT_TEST_SHARED_DIR'] = tempfile.mkdtemp(prefix='coolopt_tests_')
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_CACHE:
     shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  if _OWN_SHARED:
+    shutil.rmtree(os.environ['COOLOPT_TEST_SHARED_DIR'], ignore_errors=True)
 
 
 # The tests of coolopt itself. They import neither flax nor examples, and .ci/run runs

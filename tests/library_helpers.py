@@ -1,12 +1,16 @@
 """What the library's tests share: the battery's table of every public transformation
 (`CASES`, one entry each; tests/test_battery.py and tests/test_sharding.py run over it),
-its objectives and drivers, and the data-parallel helpers. It imports neither flax nor
-examples, so the library's tests also run on the minimum versions of .ci/run."""
+its objectives and drivers, the data-parallel helpers, and `once_per_session`. It imports
+neither flax nor examples, so the library's tests also run on the minimum versions of
+.ci/run."""
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
+import os
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -238,3 +242,27 @@ def reference_rho(cooling, n, rho_0, total_steps, warmup_steps=0):
     else:
       raise ValueError(cooling)
   return 0.0 if n >= S or np.isnan(rho) else float(max(0.0, rho))
+
+
+def once_per_session(name: str, compute: Callable[[str], Any]) -> Any:
+  """`compute(directory)` once per test session, whichever test process asks first: the
+  others (pytest-xdist's workers) wait for it and read its pickled result.
+
+  `directory` is where `compute` may write files that outlive it (a built site); it and
+  the result live in the session's shared directory (tests/conftest.py), which is removed
+  when the session ends.
+  """
+  root = os.environ['COOLOPT_TEST_SHARED_DIR']
+  directory = os.path.join(root, name)
+  result_path = os.path.join(root, f'{name}.pickle')
+  with open(os.path.join(root, f'{name}.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not os.path.exists(result_path):
+      os.makedirs(directory, exist_ok=True)
+      result = compute(directory)
+      with open(result_path + '.tmp', 'wb') as f:
+        pickle.dump(result, f)
+      os.replace(result_path + '.tmp', result_path)
+      return result
+    with open(result_path, 'rb') as f:
+      return pickle.load(f)

@@ -28,6 +28,7 @@ import pytest
 
 import coolopt
 from tests.helpers import run_python
+from tests.library_helpers import once_per_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
@@ -55,10 +56,9 @@ def _pages_with_examples() -> list[Path]:
 # The site.
 
 
-@pytest.fixture(scope='module')
-def site(tmp_path_factory) -> Path:
-  """The HTML site, built from scratch into a temporary directory."""
-  out = tmp_path_factory.mktemp('site')
+def _build_site(directory: str) -> Path:
+  """The HTML site, built from scratch into `directory`."""
+  out = Path(directory)
   command = [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-q', '-b', 'html']
   result = subprocess.run(
     [*command, '-d', str(out / 'doctrees'), str(DOCS), str(out / 'html')],
@@ -71,6 +71,12 @@ def site(tmp_path_factory) -> Path:
   )
   assert result.returncode == 0, f'sphinx-build failed:\n{result.stdout}\n{result.stderr}'
   return out / 'html'
+
+
+@pytest.fixture(scope='module')
+def site() -> Path:
+  """The HTML site, built once per test session (by whichever process needs it first)."""
+  return once_per_session('site', _build_site)
 
 
 def test_site_builds_without_warnings(site):

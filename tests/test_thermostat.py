@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 
 import coolopt
+from tests.library_helpers import once_per_session
 
 TARGET_PATHS = ('exponential', 'linear', 'friction')
 NUM_DEVICES = 8
@@ -218,7 +219,11 @@ def digits_runs(method):
 
 @pytest.fixture(scope='module')
 def promise_runs():
-  return {method: digits_runs(method) for method in ('exponential', 'thermostat', 'sgd')}
+  # Once per test session, whichever test process asks first.
+  return once_per_session(
+    'promise_runs',
+    lambda _: {method: digits_runs(method) for method in ('exponential', 'thermostat', 'sgd')},
+  )
 
 
 def converged(loss):
