@@ -236,21 +236,25 @@ def lr_find(
   return result
 
 
+def flag_arguments() -> dict[str, Any]:
+  """The keyword arguments of `lr_find` that its flags give (also examples.sweep's, with
+  `--center=lr_find`)."""
+  return {
+    'num_steps': FLAGS.num_steps,
+    'lr_min': FLAGS.lr_min,
+    'lr_max': FLAGS.lr_max,
+    'rule': FLAGS.rule,
+    'smoothing': FLAGS.smoothing,
+    'divergence_threshold': FLAGS.divergence_threshold,
+  }
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   trainer_main.setup()
   schema.prefer_given(FLAGS.config, trainer_main.given_fields(), (FLAGS.config.optimizer,))
-  result = lr_find(
-    FLAGS.config,
-    FLAGS.workdir,
-    num_steps=FLAGS.num_steps,
-    lr_min=FLAGS.lr_min,
-    lr_max=FLAGS.lr_max,
-    rule=FLAGS.rule,
-    smoothing=FLAGS.smoothing,
-    divergence_threshold=FLAGS.divergence_threshold,
-  )
+  result = lr_find(FLAGS.config, FLAGS.workdir, **flag_arguments())
   print(
     f'suggested learning rate: {result["suggested_learning_rate"]:.3g} '
     f'({result["rule"]} rule, {len(result["losses"])} steps); '

@@ -110,6 +110,18 @@ def assert_same_rows(rows, expected, rtol=1e-6):
         np.testing.assert_allclose(row[key], expected_row[key], rtol=rtol, err_msg=key)
 
 
+def largest_data_file(directory) -> str:
+  """The largest of the array data files (orbax's `d/` folders) under a checkpoint's
+  `directory`: the file to damage in a test."""
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(directory)
+    if os.path.basename(root) == 'd'
+    for name in names
+  ]
+  return max(files, key=os.path.getsize)
+
+
 def digest(batches) -> str:
   """The first 16 hex digits of the SHA-256 of every batch's arrays, in order."""
   sha = hashlib.sha256()

@@ -23,7 +23,7 @@ from examples import (
   train,
 )
 from examples.configs import digits
-from tests.helpers import synthetic_cifar10
+from tests.helpers import largest_data_file, synthetic_cifar10
 
 
 def _config(optimizer: str, steps: int = 4, validation_fraction: float = 0.15):
@@ -201,10 +201,6 @@ def test_a_model_with_a_named_axis_is_refused_with_the_cause():
     sweep.build_program(config, task, model)
 
 
-def _grid_numbers(result):
-  return [{k: v for k, v in e.items()} for e in result['grid']]
-
-
 def test_a_killed_sweep_reruns_to_the_same_numbers(tmp_path, monkeypatch, capsys):
   # SGD-SA: its Metropolis keys and accept/reject decisions are in the state resumed.
   config = _config('sgd_sa', steps=2)
@@ -228,18 +224,17 @@ def test_a_killed_sweep_reruns_to_the_same_numbers(tmp_path, monkeypatch, capsys
   printed = capsys.readouterr().out
   # It continued after the checkpoint of epoch 1, and ended where the whole sweep did.
   assert 'epoch 1/2' not in printed and 'epoch 2/2' in printed
-  assert _grid_numbers(resumed['sgd_sa']) == _grid_numbers(whole)
+  assert resumed['sgd_sa']['grid'] == whole['grid']
   assert resumed['sgd_sa']['selected'] == whole['selected']
 
   # A damaged last checkpoint: named, set aside, and epoch 2 trained again from epoch 1's.
-  last = tmp_path / 'whole' / 'sgd_sa' / checkpoints.CHECKPOINT_DIR / '4'
-  largest = max((p for p in last.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  largest = largest_data_file(tmp_path / 'whole' / 'sgd_sa' / checkpoints.CHECKPOINT_DIR / '4')
   with open(largest, 'r+b') as f:
-    f.truncate(largest.stat().st_size // 2)
+    f.truncate(os.path.getsize(largest) // 2)
   again = sweep.sweep(config, str(tmp_path / 'whole'), ['sgd_sa'], grid, verbose=True)
   printed = capsys.readouterr().out
   assert 'The checkpoint 4 in' in printed and 'epoch 2/2' in printed
-  assert _grid_numbers(again['sgd_sa']) == _grid_numbers(whole)
+  assert again['sgd_sa']['grid'] == whole['grid']
 
 
 def test_a_rerun_with_another_config_or_grid_is_refused(tmp_path):

@@ -32,7 +32,7 @@ from examples import (
 )
 from examples import main as trainer_main
 from examples.configs import digits
-from tests.helpers import REPO_ROOT, TIMING, read_rows
+from tests.helpers import REPO_ROOT, TIMING, largest_data_file, read_rows
 from tests.helpers import short_digits as _digits
 
 
@@ -157,17 +157,6 @@ def _restore(manager, config):
   return checkpoints.restore_checkpoint(manager, target, {'loss': np.zeros(3, np.float32)}, config)
 
 
-def _largest_data_file(directory):
-  """The largest of the array data files (orbax's `d/` folders) under `directory`."""
-  files = [
-    os.path.join(root, name)
-    for root, _, names in os.walk(directory)
-    if os.path.basename(root) == 'd'
-    for name in names
-  ]
-  return max(files, key=os.path.getsize)
-
-
 @pytest.mark.parametrize('damage', ['truncate', 'empty', 'flip'])
 def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, capsys, damage):
   config = digits.get_config()
@@ -175,7 +164,7 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_restored(tmp_path, cap
   _save(manager, 1, config)
   _save(manager, 2, config)
   manager.wait_until_finished()
-  largest = _largest_data_file(tmp_path / checkpoints.CHECKPOINT_DIR / '2')
+  largest = largest_data_file(tmp_path / checkpoints.CHECKPOINT_DIR / '2')
   with open(largest, 'rb') as f:
     data = bytearray(f.read())
   if damage == 'truncate':
@@ -208,7 +197,7 @@ def test_a_run_falls_back_from_a_damaged_checkpoint_and_ends_as_before(
   finished_run, tmp_path, capsys
 ):
   directory = _copy(finished_run, tmp_path)
-  largest = _largest_data_file(directory / checkpoints.CHECKPOINT_DIR / '6')
+  largest = largest_data_file(directory / checkpoints.CHECKPOINT_DIR / '6')
   with open(largest, 'r+b') as f:
     f.truncate(os.path.getsize(largest) // 2)
   state = train.train_and_evaluate(_digits(num_epochs=2), str(directory))
