@@ -122,6 +122,30 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     )
 
 
+def check_inexact_params(name: str, params: Any) -> None:
+  """Refuses parameters with a leaf that is not floating-point or complex, naming it.
+
+  An integer (or boolean) parameter cannot take a fractional step: the update cast
+  to its dtype is truncated to 0, and a state of that dtype (a displacement, a
+  moment) is truncated with it.
+
+  Raises:
+    ValueError: naming the first such leaf by its path, dtype and shape.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in leaves:
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.inexact):
+      continue
+    raise ValueError(
+      f'{name} needs floating-point (or complex) parameters, got '
+      f'params{jax.tree_util.keystr(path)} of dtype {dtype} and shape '
+      f'{tuple(np.shape(leaf))}: a step cast to an integer dtype is truncated, so the '
+      'parameter would not move. Cast it (e.g. x.astype(jnp.float32)), or keep it out of '
+      'the optimizer with optax.partition.'
+    )
+
+
 def split_kwargs_for(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
   """The subset of `kwargs` that `fn` accepts by name (all of them for `**kwargs`)."""
   try:

@@ -33,6 +33,23 @@ def _value_at(value: optax.ScalarOrSchedule, count: chex.Array) -> chex.Array:
   return jnp.asarray(value, dtype=jnp.result_type(float))
 
 
+def _check_accumulator_dtype(accumulator_dtype: Any | None) -> Any | None:
+  """`accumulator_dtype` as a dtype, if it is None or floating-point; a ValueError if not."""
+  if accumulator_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(accumulator_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(
+      'accumulator_dtype must be None (the dtype of each parameter) or a floating-point '
+      f'dtype such as jnp.float32, got accumulator_dtype={accumulator_dtype!r}: an integer '
+      'displacement is truncated to 0.'
+    )
+  return dtype
+
+
 def scale_by_coolmomentum(
   learning_rate: optax.ScalarOrSchedule,
   momentum: optax.ScalarOrSchedule,
@@ -59,6 +76,11 @@ def scale_by_coolmomentum(
   passes its step multiplier this way, so that the stored displacement is the move
   that was made.
 
+  Complex parameters move as pairs of real ones: the rule, linear in :math:`g_n` and
+  :math:`\Delta x_n` with a real :math:`\rho_n`, acts on the real and the imaginary
+  part alike (as it would on the pairs of `optax.contrib.split_real_and_imaginary`).
+  Integer parameters are refused: a step cast to an integer is truncated.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import coolopt
@@ -76,15 +98,31 @@ def scale_by_coolmomentum(
     learning_rate: :math:`\eta_n`, a number or a schedule of the step count.
     momentum: :math:`\rho_n`, a number or a schedule of the step count (for example
       :func:`coolopt.exponential_cooling`).
-    accumulator_dtype: dtype of the displacement; ``None`` keeps the parameters'.
+    accumulator_dtype: dtype of the displacement, floating-point (complex for
+      complex parameters); ``None`` keeps the parameters'.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: for an invalid hyperparameter, or, in ``init``, for a parameter that
+      is not floating-point or complex (named by its path).
   """
   _checks.check_schedule_or_positive('learning_rate', learning_rate)
   _checks.check_range('momentum', momentum, lower=0.0, upper=1.0)
+  accumulator_dtype = _check_accumulator_dtype(accumulator_dtype)
 
   def init_fn(params: optax.Params) -> CoolMomentumState:
+    _checks.check_inexact_params('CoolMomentum', params)
+    if accumulator_dtype is not None and not jnp.issubdtype(accumulator_dtype, jnp.complexfloating):
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if jnp.iscomplexobj(leaf):
+          raise ValueError(
+            f'accumulator_dtype={accumulator_dtype} is real, but params'
+            f'{jax.tree_util.keystr(path)} is complex ({jnp.result_type(leaf)}): its '
+            'displacement would lose its imaginary part. Pass a complex accumulator_dtype, '
+            'or None to keep the dtype of each parameter.'
+          )
     return CoolMomentumState(
       count=jnp.zeros([], jnp.int32),
       displacement=optax.tree_utils.tree_zeros_like(params, dtype=accumulator_dtype),

@@ -42,6 +42,10 @@ def track_kinetic_temperature(every: chex.Numeric = 1) -> optax.GradientTransfor
   Averaged over the steps of an epoch, this is paper Eq. 22, the quantity the
   paper plots to show that CoolMomentum anneals while Adam and momentum quench.
   Read it with :func:`coolopt.kinetic_temperature`. The mean is computed in float32.
+  A complex parameter counts as two real ones, its real and imaginary parts (as
+  `optax.contrib.split_real_and_imaginary` splits them, and as equipartition counts
+  degrees of freedom): its :math:`\lvert \Delta x \rvert^2` is the sum of the two
+  squares, and it counts twice in :math:`\mathrm{Size}`.
 
   It costs one more read of the updates per step: XLA's CPU backend does not fuse
   a reduction into the loop that produces its operand. A momentum SGD or
@@ -107,9 +111,17 @@ def mean_squared_update(updates: optax.Updates) -> chex.Array:
   :func:`coolopt.scale_by_thermostat` steers on it: both measure the same temperature.
   """
   leaves = jax.tree.leaves(updates)
-  size = sum(leaf.size for leaf in leaves)
-  sum_of_squares = sum(jnp.sum(jnp.square(_as_stored_float32(leaf))) for leaf in leaves)
+  # A complex update is two real ones: |u|^2 = Re(u)^2 + Im(u)^2 over two parameters.
+  size = sum(leaf.size * (2 if jnp.iscomplexobj(leaf) else 1) for leaf in leaves)
+  sum_of_squares = sum(jnp.sum(_squared_float32(leaf)) for leaf in leaves)
   return jnp.asarray(sum_of_squares, jnp.float32) / max(size, 1)
+
+
+def _squared_float32(update: chex.Array) -> chex.Array:
+  """The squared magnitude of `update` in float32, the sum of two squares if complex."""
+  if jnp.iscomplexobj(update):
+    return _squared_float32(jnp.real(update)) + _squared_float32(jnp.imag(update))
+  return jnp.square(_as_stored_float32(update))
 
 
 def _as_stored_float32(update: chex.Array) -> chex.Array:

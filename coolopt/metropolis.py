@@ -77,6 +77,12 @@ def _roll_back(accepted: chex.Array, new: optax.OptState, old: optax.OptState) -
 def _as_scalar_loss(name: str, value: Any) -> chex.Array:
   """`value` as a scalar of at least float32 precision; a ValueError if not a scalar."""
   value = jnp.asarray(value)
+  if jnp.iscomplexobj(value):
+    raise ValueError(
+      f'metropolis needs {name} to be a real scalar loss, got a complex one ({value.dtype}): '
+      'the test compares the loss change with the temperature, which needs an order. Take '
+      'the objective to minimise (e.g. jnp.abs(...) ** 2, or its real part).'
+    )
   if value.ndim != 0:
     raise ValueError(
       f'metropolis needs {name} to be a scalar loss, got an array of shape {value.shape}: '
@@ -260,8 +266,9 @@ def metropolis(
 
   Raises:
     ValueError: when built, if ``temperature``, a schedule's value at step 0,
-      ``multipliers`` or ``key`` is invalid; at trace time, if ``params`` is None,
-      ``value`` or the result of ``value_fn`` is not a scalar, or multipliers meet an
+      ``multipliers`` or ``key`` is invalid; in ``init``, for a parameter that is not
+      floating-point or complex (named by its path); at trace time, if ``params`` is
+      None, ``value`` or the result of ``value_fn`` is not a real scalar, or multipliers meet an
       inner optimizer that records its own output.
 
   References:
@@ -285,6 +292,9 @@ def metropolis(
     return jnp.asarray(value, jnp.float32)
 
   def init_fn(params: optax.Params) -> MetropolisState:
+    # Integer leaves of the inner state are its clock, never rolled back: the state
+    # of integer parameters would keep a rejected move.
+    _checks.check_inexact_params('metropolis', params)
     return MetropolisState(
       count=jnp.zeros([], jnp.int32),
       key=key_data,

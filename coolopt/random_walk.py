@@ -48,7 +48,9 @@ def random_walk(
   error rate). A rejected proposal is not proposed again: the step count and the key
   are integer leaves of this state, which the Metropolis test advances on every
   proposal. The draws are made in float32 (float64 for float64 parameters) and cast
-  to each parameter's dtype.
+  to each parameter's dtype. A complex parameter is two real ones: its real and
+  imaginary parts move independently, each with standard deviation :math:`s_n`.
+  Integer parameters are refused.
 
   The key is split at every step, as in `optax.add_noise`; it is kept as raw key
   data, whatever the `jax.random` implementation of a typed key given. Give
@@ -84,6 +86,10 @@ def random_walk(
   Returns:
     An `optax.GradientTransformationExtraArgs`; extra arguments are ignored.
 
+  Raises:
+    ValueError: for an invalid ``scale`` or ``key``; in ``init``, for a parameter that
+      is not floating-point or complex (named by its path).
+
   References:
     Kirkpatrick, Gelatt & Vecchi, Optimization by simulated annealing, Science 220,
     671 (1983).
@@ -95,7 +101,7 @@ def random_walk(
   key_data, impl = _checks.key_data_and_impl(key)
 
   def init_fn(params: optax.Params) -> RandomWalkState:
-    del params
+    _checks.check_inexact_params('random_walk', params)
     return RandomWalkState(count=jnp.zeros([], jnp.int32), key=key_data)
 
   def update_fn(updates, state, params=None):
@@ -106,6 +112,12 @@ def random_walk(
     step_scale = scale(state.count) if callable(scale) else scale
 
     def move(leaf: chex.Array, leaf_key: chex.PRNGKey) -> chex.Array:
+      if jnp.iscomplexobj(leaf):
+        # Two real parameters: jax.random.normal's complex draws have variance 1/2 in
+        # each part, so the parts are drawn as two real moves of scale s_n each.
+        real_part, imaginary_part = jax.random.split(leaf_key)
+        real_leaf = jnp.real(leaf)
+        return jax.lax.complex(move(real_leaf, real_part), move(real_leaf, imaginary_part))
       dtype = jnp.promote_types(leaf.dtype, jnp.float32)
       noise = jax.random.normal(leaf_key, leaf.shape, dtype, **_sharded_like(leaf))
       return (jnp.asarray(step_scale, dtype) * noise).astype(leaf.dtype)

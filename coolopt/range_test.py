@@ -24,6 +24,8 @@ from coolopt import _checks
 __all__ = ['divergence_step', 'lr_range_schedule', 'smooth_losses', 'suggest_learning_rate']
 
 SUGGESTION_RULES = ('steepest', 'minimum')
+# The fewest steps a suggestion is read from: a central-difference slope needs 3.
+MIN_STEPS = 3
 
 
 def lr_range_schedule(lr_min: chex.Numeric, lr_max: chex.Numeric, num_steps: int) -> optax.Schedule:
@@ -207,8 +209,9 @@ def suggest_learning_rate(
     The suggested learning rate.
 
   Raises:
-    ValueError: for sequences of different lengths, or if fewer than 3 steps remain
-      before the divergence (lower the first rate of the sweep).
+    ValueError: for sequences of different lengths or of fewer than 3 steps, or if
+      fewer than 3 steps remain before the divergence (lower the first rate of the
+      sweep).
 
   References:
     Smith, `Cyclical Learning Rates for Training Neural Networks
@@ -225,14 +228,21 @@ def suggest_learning_rate(
       f'learning_rates and losses must have the same length, got {learning_rates.size} '
       f'and {losses.size}.'
     )
+  if learning_rates.size < MIN_STEPS:
+    raise ValueError(
+      f'learning_rates and losses must hold at least {MIN_STEPS} steps of a range test, got '
+      f'{learning_rates.size}: learning_rates={learning_rates.tolist()!r}, '
+      f'losses={losses.tolist()!r}. A slope needs 3 points; a sweep of a few hundred '
+      'steps gives a reliable one.'
+    )
   if not (np.all(learning_rates > 0) and np.all(np.diff(learning_rates) > 0)):
     raise ValueError('learning_rates must be positive and increasing.')
   smoothed = smooth_losses(losses, smoothing)
   stop = divergence_step(smoothed, divergence_threshold)
   kept = smoothed.size if stop is None else stop
-  if kept < 3:
+  if kept < MIN_STEPS:
     raise ValueError(
-      f'The loss diverged at step {stop} of the sweep, before 3 steps could be read: '
+      f'The loss diverged at step {stop} of the sweep, before {MIN_STEPS} steps could be read: '
       f'start the sweep at a learning rate below {learning_rates[0]:g}.'
     )
   smoothed, learning_rates = smoothed[:kept], learning_rates[:kept]

@@ -244,3 +244,129 @@ def test_compiled_step_grows_linearly_with_the_leaves(variant):
   sizes = [_compiled_size(opt, n) for n in (8, 16, 32)]
   growth = (sizes[2] - sizes[1]) / (sizes[1] - sizes[0])
   assert np.all(growth <= 2.1), (sizes, growth)
+
+
+# 11. Integer and complex parameters.
+
+_LOSS = lambda p: sum(jnp.sum(jnp.abs(x - 1.0) ** 2) for x in jax.tree.leaves(p))  # noqa: E731
+
+# Each transformation, and the name its refusal gives.
+_TRAINERS = {
+  'coolmomentum': (lambda: coolopt.coolmomentum(0.5, 0.9, 100), 'CoolMomentum'),
+  'scale_by_coolmomentum': (lambda: coolopt.scale_by_coolmomentum(0.5, 0.9), 'CoolMomentum'),
+  'metropolis': (lambda: coolopt.metropolis(optax.sgd(0.5, momentum=0.9), 1e-9), 'metropolis'),
+  'metropolis_coolmomentum': (
+    lambda: coolopt.metropolis(coolopt.coolmomentum(2.0, 0.9, 100), 1e-9),
+    'metropolis',
+  ),
+  'sgd_sa': (lambda: coolopt.sgd_sa(steps_per_epoch=10), 'metropolis'),
+  'random_walk': (lambda: coolopt.random_walk(0.5), 'random_walk'),
+}
+
+
+@pytest.mark.parametrize('name', list(_TRAINERS))
+@pytest.mark.parametrize(
+  ('leaf', 'dtype'), [(jnp.array([3, 3]), 'int32'), (jnp.ones(2, bool), 'bool')]
+)
+def test_integer_parameters_are_refused_naming_the_leaf(name, leaf, dtype):
+  # Before: CoolMomentum truncated every update to 0 and never moved; metropolis
+  # took the integer displacement for the clock and kept a rejected move ([-4, -4]).
+  build, owner = _TRAINERS[name]
+  params = {'w': jnp.zeros(2), 'layer': {'count': leaf}}
+  message = (
+    f'{owner} needs floating-point (or complex) parameters, got '
+    f"params['layer']['count'] of dtype {dtype} and shape (2,)"
+  )
+  with pytest.raises(ValueError, match=re.escape(message)):
+    build().init(params)
+
+
+def test_integer_accumulator_and_real_accumulator_of_complex_parameters_are_refused():
+  with pytest.raises(ValueError, match=r'accumulator_dtype must be None .* got accumulator_dtype='):
+    coolopt.coolmomentum(0.1, 0.9, 10, accumulator_dtype=jnp.int32)
+  opt = coolopt.coolmomentum(0.1, 0.9, 10, accumulator_dtype=jnp.float32)
+  message = "params['z'] is complex (complex64): its displacement would lose its imaginary part"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    opt.init({'w': jnp.zeros(2), 'z': jnp.zeros(2, jnp.complex64)})
+
+
+def _complex_params():
+  return {'w': jnp.array([0.5, -1.0]), 'z': jnp.array([0.2 - 1.0j, 2.0 + 0.5j], jnp.complex64)}
+
+
+def test_kinetic_temperature_of_complex_updates_counts_two_real_parameters():
+  # Before: the imaginary part was dropped, and an update of 1j had temperature 0.
+  tracker = coolopt.track_kinetic_temperature()
+  params = jnp.zeros(1, jnp.complex64)
+  _, state = tracker.update(jnp.array([1j], jnp.complex64), tracker.init(params), params)
+  assert float(coolopt.kinetic_temperature(state)) == 0.5  # |1j|^2 over 2 real parameters
+  # The temperature of the same updates split into real pairs, as optax splits them.
+  params, updates = _complex_params(), jax.tree.map(lambda x: 3.0 * x + 1j, _complex_params())
+  _, state = tracker.update(updates, tracker.init(params), params)
+  split = optax.contrib.split_real_and_imaginary(tracker)
+  _, split_state = split.update(updates, split.init(params), params)
+  np.testing.assert_allclose(
+    coolopt.kinetic_temperature(state), coolopt.kinetic_temperature(split_state), rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+  'build',
+  [
+    lambda wrap: optax.with_extra_args_support(wrap(coolopt.coolmomentum(0.1, 0.9, 20))),
+    lambda wrap: coolopt.metropolis(wrap(coolopt.coolmomentum(0.1, 0.9, 20)), 1e-3, key=2),
+  ],
+  ids=['coolmomentum', 'metropolis'],
+)
+def test_complex_parameters_move_as_pairs_of_real_ones(build):
+  # The same run as on the parameters split into real pairs (optax's convention for
+  # complex parameters); the gradient of a real loss is conjugated for descent.
+  def run(opt):
+    params, state = _complex_params(), opt.init(_complex_params())
+    for _ in range(20):
+      value, grads = jax.value_and_grad(_LOSS)(params)
+      grads = jax.tree.map(jnp.conj, grads)
+      updates, state = opt.update(grads, state, params, value=value, value_fn=_LOSS)
+      params = optax.apply_updates(params, updates)
+    return params
+
+  params = run(build(lambda tx: tx))
+  split_params = run(build(optax.contrib.split_real_and_imaginary))
+  assert params['z'].dtype == jnp.complex64
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, split_params)
+  assert float(_LOSS(params)) < 0.5 * float(_LOSS(_complex_params()))
+
+
+def test_metropolis_rolls_back_a_rejected_complex_move():
+  opt = coolopt.metropolis(coolopt.coolmomentum(0.1, 0.9, 20), 1e-9)
+  params = _complex_params()
+  state = opt.init(params)
+  grads = jax.tree.map(jnp.conj, jax.grad(_LOSS)(params))
+  # Uphill: the conjugated gradient's step raises the loss, and is rejected.
+  updates, new_state = opt.update(
+    jax.tree.map(jnp.negative, grads), state, params, value=_LOSS(params), value_fn=_LOSS
+  )
+  assert not bool(new_state.accepted)
+  jax.tree.map(lambda u: np.testing.assert_array_equal(u, 0), updates)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    new_state.inner_state[1].displacement,
+    state.inner_state[1].displacement,
+  )
+
+
+def test_a_complex_loss_is_refused():
+  opt = coolopt.metropolis(optax.sgd(0.1), 1e-3)
+  params = _complex_params()
+  with pytest.raises(ValueError, match=r'value to be a real scalar loss, got a complex one'):
+    opt.update(params, opt.init(params), params, value=1j, value_fn=_LOSS)
+
+
+def test_random_walk_moves_real_and_imaginary_parts_by_the_scale():
+  opt = coolopt.random_walk(0.25, key=3)
+  params = jnp.zeros(20000, jnp.complex64)
+  moves, _ = opt.update(jnp.zeros_like(params), opt.init(params), params)
+  assert moves.dtype == jnp.complex64
+  parts = np.stack([np.real(moves), np.imag(moves)])
+  np.testing.assert_allclose(parts.std(axis=1), 0.25, rtol=0.05)
+  assert abs(np.corrcoef(parts)[0, 1]) < 0.05

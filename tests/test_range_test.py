@@ -2,6 +2,8 @@
 `divergence_step` and `suggest_learning_rate`, on synthetic loss curves whose answer
 is known."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,3 +186,15 @@ def test_suggestion_invalid_arguments(kwargs, message):
   learning_rates, losses = arguments.pop('learning_rates'), arguments.pop('losses')
   with pytest.raises(ValueError, match=message):
     coolopt.suggest_learning_rate(learning_rates, losses, smoothing=0.0, **arguments)
+
+
+@pytest.mark.parametrize('num_steps', [0, 1, 2])
+def test_suggestion_of_fewer_than_three_steps_is_refused_with_the_values(num_steps):
+  # Before: [] raised an IndexError, and 1 or 2 steps "diverged at step None".
+  rates, losses = [1e-3, 1e-2][:num_steps], [2.0, 1.0][:num_steps]
+  message = (
+    f'learning_rates and losses must hold at least 3 steps of a range test, got {num_steps}: '
+    f'learning_rates={rates!r}, losses={losses!r}'
+  )
+  with pytest.raises(ValueError, match=re.escape(message)):
+    coolopt.suggest_learning_rate(rates, losses)
