@@ -4,8 +4,11 @@ A checkpoint is named by the run's step and holds, beside the train state, the
 `Position` that a resumed run continues from: epochs done, steps of the next epoch
 taken and their per-step metrics, and the training time so far. It also holds the
 fields of the config that decide the trajectory (`trajectory`), so that a resume under
-another config is refused even without the workdir's config.json, and the SHA-256 of
-everything else it holds (`checksum`), so that a damaged checkpoint is found.
+another config is refused even without the workdir's config.json, optionally a `record`
+of the run (the trainer's: the metrics rows of the epochs before it and its first
+step's loss), so that a damaged or deleted metrics.jsonl is written again from it, and
+the SHA-256 of everything else it holds (`checksum`), so that a damaged checkpoint is
+found.
 
 A resume restores the newest checkpoint that reads and verifies. One that does not is
 damaged: it is moved to <workdir>/damaged_checkpoints/ with a warning, and the run
@@ -60,12 +63,15 @@ class Position:
     step_metrics: their per-step metrics (see `examples.train.empty_step_metrics`); at
       an epoch's end (`step_in_epoch` 0), those of the epoch completed.
     wall_time: seconds of training so far, across resumptions.
+    record: what the run saved beside them as JSON values (`save_checkpoint`'s
+      `record`); None for a checkpoint saved without one, or no checkpoint.
   """
 
   epoch: int
   step_in_epoch: int
   step_metrics: StepMetrics
   wall_time: float
+  record: Any = None
 
 
 def _key_name(key: Any) -> str:
@@ -105,8 +111,9 @@ def save_checkpoint(
   *,
   step: int | None = None,
 ) -> None:
-  """Starts saving `state` (on the host), `position` and the trajectory fields of
-  `config`, with their checksum, named by `step` (default: the run's, `state.step`)."""
+  """Starts saving `state` (on the host), `position` (its `record` too, if not None:
+  JSON values) and the trajectory fields of `config`, with their checksum, named by
+  `step` (default: the run's, `state.step`)."""
   item = {
     'epoch': np.asarray(position.epoch, np.int32),
     'step_in_epoch': np.asarray(position.step_in_epoch, np.int32),
@@ -115,6 +122,8 @@ def save_checkpoint(
     'state': state,
     'trajectory': _encode(trajectory(config)),
   }
+  if position.record is not None:
+    item['record'] = _encode(position.record)
   item['checksum'] = checksum(item)
   manager.save(int(state.step) if step is None else step, args=ocp.args.StandardSave(item))
 
@@ -145,7 +154,11 @@ def _read(manager: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> 
       f'{where} has no checksum: it was written by an earlier version of the trainer. Use '
       'another workdir.'
     )
-  target = {**target, 'trajectory': np.zeros(tree['trajectory'].shape, np.uint8)}
+  # The encoded JSON values are read at the lengths they were saved with.
+  target = {
+    **target,
+    **{key: np.zeros(tree[key].shape, np.uint8) for key in ('trajectory', 'record') if key in tree},
+  }
   saved = {key: tree[key] for key in target if key in tree}
   if saved.keys() != target.keys() or _shapes(saved) != _shapes(target):
     raise ValueError(
@@ -166,10 +179,14 @@ def _read(manager: ocp.CheckpointManager, step: int, target: dict[str, Any]) -> 
   return restored
 
 
+def _decode(encoded: np.ndarray) -> Any:
+  return json.loads(np.asarray(encoded, np.uint8).tobytes().decode())
+
+
 def _check_trajectory(
   manager: ocp.CheckpointManager, step: int, encoded: np.ndarray, config: ml_collections.ConfigDict
 ) -> None:
-  stored = json.loads(np.asarray(encoded, np.uint8).tobytes().decode())
+  stored = _decode(encoded)
   differences = workdir_files.config_differences(stored, workdir_files.config_dict(config))
   if differences:
     raise ValueError(
@@ -259,5 +276,6 @@ def restore_checkpoint(
     step_in_epoch=int(restored['step_in_epoch']),
     step_metrics={k: np.asarray(v) for k, v in restored['step_metrics'].items()},
     wall_time=float(restored['wall_time']),
+    record=_decode(restored['record']) if 'record' in restored else None,
   )
   return restored['state'], position

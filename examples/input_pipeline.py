@@ -159,6 +159,17 @@ class DatasetOptions:
       )
 
 
+# The options that some datasets read and others do not (`DatasetSpec.reads`); every
+# dataset reads the others.
+OPTIONAL_OPTIONS = (
+  'data_dir',
+  'image_size',
+  'num_channels',
+  'synthetic_train_size',
+  'synthetic_test_size',
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """One dataset: where it comes from, how it is preprocessed, and its defaults.
@@ -180,6 +191,8 @@ class DatasetSpec:
     arrays: `arrays(options)`, {'train': (images, labels), 'test': (...)} as numpy.
     num_classes: `num_classes(options)`, for a dataset in memory (a TFDS builder
       knows its own).
+    reads: the options of `OPTIONAL_OPTIONS` that the dataset reads; a run refuses
+      the others where they are set (see `examples.tasks.ImageClassification`).
   """
 
   image_shape: Callable[[DatasetOptions], tuple[int, int, int]]
@@ -190,8 +203,13 @@ class DatasetSpec:
   manual_download: str | None = None
   arrays: Callable[[DatasetOptions], Arrays] | None = None
   num_classes: Callable[[DatasetOptions], int] | None = None
+  reads: frozenset[str] = frozenset()
 
   def __post_init__(self):
+    if not self.reads <= set(OPTIONAL_OPTIONS):
+      raise ValueError(
+        f'A DatasetSpec reads some of {OPTIONAL_OPTIONS}, got reads={sorted(self.reads)}.'
+      )
     if (self.tfds_splits is None) == (self.arrays is None):
       raise ValueError(
         'A DatasetSpec reads from TFDS or from arrays: exactly one of tfds_splits and arrays '
@@ -419,6 +437,7 @@ DATASETS: dict[str, DatasetSpec] = {
     image_shape=lambda options: (32, 32, 3),
     preprocess=_cifar10_preprocess,
     tfds_splits={'train': 'train', 'test': 'test'},
+    reads=frozenset({'data_dir'}),
   ),
   'imagenet2012': DatasetSpec(
     image_shape=lambda options: (options.image_size, options.image_size, 3),
@@ -433,6 +452,7 @@ DATASETS: dict[str, DatasetSpec] = {
       'https://image-net.org/download-images, put ILSVRC2012_img_train.tar and '
       'ILSVRC2012_img_val.tar in {manual_dir}'
     ),
+    reads=frozenset({'data_dir', 'image_size'}),
   ),
   'digits': DatasetSpec(
     image_shape=lambda options: (8, 8, 1),
@@ -445,6 +465,7 @@ DATASETS: dict[str, DatasetSpec] = {
     preprocess=_float_preprocess,
     arrays=_synthetic_data,
     num_classes=lambda options: options.num_classes,
+    reads=frozenset({'image_size', 'num_channels', 'synthetic_train_size', 'synthetic_test_size'}),
   ),
 }
 KNOWN_DATASETS = tuple(DATASETS)

@@ -103,6 +103,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_choice(config, 'model', tasks.TASKS)
   # The fields only one task reads (its data set, its model's sizes) are its own to check.
   tasks.TASKS[config.model].check_config(config)
+  tasks.TASKS[config.model].check_unread_fields(config)
   check_choice(config, 'parallelism', data_parallel.PARALLELISMS)
   check_choice(config, 'cooling', optimizers.COOLINGS)
   if config.cooling == optimizers.THERMOSTAT and config.warmup_epochs:
@@ -224,4 +225,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   ):
     raise invalid_field(
       'divergence_steps', config.divergence_steps, '-1 (one epoch), 0 (never) or a positive integer'
+    )
+  check_number(config, 'divergence_loss_ratio', lower=0)
+  if 0 < config.divergence_loss_ratio <= 1:
+    raise invalid_field(
+      'divergence_loss_ratio',
+      config.divergence_loss_ratio,
+      "0 (never) or a number above 1: a run's loss may stay near its first step's",
     )

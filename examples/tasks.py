@@ -26,6 +26,7 @@ from flax import linen as nn
 
 from examples import input_pipeline, language_model, models, rows, text_pipeline
 from examples.checks import check_choice, check_number, invalid_field
+from examples.configs import default
 
 Batch = dict[str, Any]
 
@@ -67,12 +68,36 @@ def _sum_over_batches(parallel: Any, sums: list[Any]) -> dict[str, float]:
   return jax.tree.map(lambda *xs: float(np.sum(xs)), *parallel.get_metrics(sums))
 
 
+def check_default(field: str, value: Any, reason: str, allowed: tuple[Any, ...] = ()) -> None:
+  """Refuses `config.<field>` = `value` where it is not read (`reason` says why), unless
+  it is its default of examples/configs/default.py or one of `allowed`: a value set
+  there would be ignored, and the run stored as if it were used.
+
+  Raises:
+    ValueError: naming the field, its value, the reason and what is allowed.
+  """
+  defaults = (default.get_config()[field], *allowed)
+  if value in defaults:
+    return
+  allowed = ' or '.join(map(repr, dict.fromkeys(defaults)))
+  raise ValueError(f'config.{field}={value!r} would be ignored: {reason}. Leave it at {allowed}.')
+
+
 class _Task:
   """What the tasks share: the config and how the training batches are read (with the
   `data_options` of the task)."""
 
   # The module that reads the data: examples/input_pipeline.py or text_pipeline.py.
   pipeline: Any
+  # The fields of `TASK_FIELDS` that the task reads: a run refuses the others where set.
+  fields: frozenset[str]
+
+  @classmethod
+  def check_unread_fields(cls, config: ml_collections.ConfigDict) -> None:
+    """Refuses the fields of another task (`TASK_FIELDS`) set to anything but their
+    default (see `check_default`)."""
+    for field in sorted(TASK_FIELDS - cls.fields):
+      check_default(field, config[field], f'config.model={config.model!r} does not read it')
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -94,6 +119,18 @@ class ImageClassification(_Task):
   """`config.model` of examples/models.py on the images of examples/input_pipeline.py."""
 
   pipeline = input_pipeline
+  fields = frozenset(
+    {
+      'num_classes',
+      'label_smoothing',
+      'eval_train',
+      'batch_norm_group_size',
+      'image_size',
+      'num_channels',
+      'synthetic_train_size',
+      'synthetic_test_size',
+    }
+  )
   # The values of `config.model` that this task trains.
   model_names = models.MODELS
   # What a row reports of the speed, per second of training.
@@ -134,7 +171,23 @@ class ImageClassification(_Task):
       raise invalid_field(
         'num_classes', self.config.num_classes, f'{info.num_classes} for {self.config.dataset}'
       )
+    self._check_unread_options(info)
     return input_pipeline.steps_per_epoch(info, self.config.batch_size, self.config.steps_per_epoch)
+
+  def _check_unread_options(self, info: input_pipeline.DatasetInfo) -> None:
+    """Refuses the options the data set does not read (`DatasetSpec.reads`) where set
+    to anything but their default, or, for the image's size and channels, its own."""
+    dataset = self.config.dataset
+    own = {'image_size': info.image_shape[0], 'num_channels': info.image_shape[-1]}
+    for field in input_pipeline.OPTIONAL_OPTIONS:
+      if field not in input_pipeline.get_dataset(dataset).reads:
+        check_default(
+          field,
+          self.config[field],
+          f'the data set {dataset!r} does not read it (its images are '
+          f'{"x".join(map(str, info.image_shape))})',
+          (own[field],) if field in own else (),
+        )
 
   def _eval_batches(self, split: str) -> Iterator[Batch]:
     return input_pipeline.create_input_iter(
@@ -266,6 +319,22 @@ class LanguageModel(_Task):
   """
 
   pipeline = text_pipeline
+  fields = frozenset(
+    {
+      'embedding_size',
+      'hidden_size',
+      'num_layers',
+      'output_dropout',
+      'hidden_dropout',
+      'input_dropout',
+      'embedding_dropout',
+      'weight_dropout',
+      'bptt',
+      'eval_batch_size',
+      'activation_regularization',
+      'temporal_activation_regularization',
+    }
+  )
   model_names = ('awd_lstm',)
   throughput_key = 'tokens_per_sec'
   scores = (
@@ -474,6 +543,8 @@ Task = ImageClassification | LanguageModel
 TASKS: dict[str, type[Task]] = {
   model: task for task in (ImageClassification, LanguageModel) for model in task.model_names
 }
+# The fields that only some tasks read (`fields` of each).
+TASK_FIELDS = frozenset().union(*(task.fields for task in (ImageClassification, LanguageModel)))
 
 
 def create_task(config: ml_collections.ConfigDict) -> Task:

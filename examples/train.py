@@ -291,6 +291,18 @@ def is_due(every: int, epoch: int, steps_done: int, steps_per_epoch: int) -> boo
   return bool(every) and (epoch * steps_per_epoch + steps_done) % every == 0
 
 
+def record(
+  history: list[dict[str, Any]], first_loss: float | None, epoch: int, step_metrics: StepMetrics
+) -> dict[str, Any]:
+  """What a checkpoint in `epoch` (from 0) keeps of the run beside its state: the rows
+  `history` of the epochs before, and the loss of the run's first step (see
+  `examples.divergence.first_loss`; `first_loss` if known already)."""
+  return {
+    'rows': list(history),
+    'first_loss': divergence.first_loss(first_loss, epoch, step_metrics),
+  }
+
+
 def save(run: Run, workdir: str, manager: Any, host_state: TrainState, position) -> None:
   """Starts saving a checkpoint; the first one writes the resolved config beside it."""
   if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
@@ -307,12 +319,14 @@ def train_epoch(
   manager: Any,
   writer: Any,
   clock: WallClock,
+  history: list[dict[str, Any]],
+  first_loss: float | None,
 ) -> tuple[TrainState, dict[str, Any], StepMetrics]:
   """The steps of the epoch `position.epoch` from its step `position.step_in_epoch` on.
 
   Writes the per-step values every `config.log_every_steps` steps of the run (with a
   `writer`) and a checkpoint every `config.checkpoint_every_steps` steps, but at the
-  epoch's end.
+  epoch's end, with the run's record (`record`: the rows `history` and `first_loss`).
 
   Returns:
     The device state, the epoch's training fields (see `summarize_steps`) and its
@@ -353,7 +367,9 @@ def train_epoch(
       config.checkpoint_every_steps, epoch, done, steps_per_epoch
     ):
       _read_metrics(parallel, pending, step_metrics)
-      saved = checkpoints.Position(epoch, done, step_metrics, clock())
+      saved = checkpoints.Position(
+        epoch, done, step_metrics, clock(), record(history, first_loss, epoch, step_metrics)
+      )
       save(run, workdir, manager, parallel.get_state(state), saved)
   _read_metrics(parallel, pending, step_metrics)
   jax.block_until_ready(state)
@@ -406,19 +422,64 @@ def epoch_row(
 # The run
 
 
+def recorded_rows(
+  path: str, rows: list[dict[str, Any]], position: checkpoints.Position
+) -> list[dict[str, Any]]:
+  """The metrics rows up to `position`, from its checkpoint's record, with the row of the
+  epoch it ends if `rows` (read from `path`) holds that row.
+
+  A checkpoint's record holds the rows of the epochs before it, and the row of the epoch
+  it ends is written after it: rows of `path` that are missing, repeated or changed are
+  restored from the record (with a warning). Without a record (no checkpoint yet, or a
+  checkpoint of an earlier trainer), `rows` must be the epochs 1, 2, ... in order.
+
+  Raises:
+    ValueError: naming `path`, if it cannot be restored and lacks or repeats rows.
+  """
+  if position.record is None:
+    epochs = [row['epoch'] for row in rows]
+    # A checkpoint at an epoch's end may precede that epoch's row, which is made again.
+    least = position.epoch - 1 if position.epoch and not position.step_in_epoch else position.epoch
+    if epochs != list(range(1, len(rows) + 1)) or len(rows) < least:
+      raise ValueError(
+        f'{path} holds the rows of the epochs {epochs}, where the checkpoint of epoch '
+        f'{position.epoch} needs each of the epochs 1 to {least} once, in order, and its '
+        'checkpoint holds no copy to restore them from. Restore the file, or use another '
+        'workdir.'
+      )
+    return rows
+  saved = list(position.record['rows'])
+  later = [row for row in rows if row['epoch'] == len(saved) + 1 == position.epoch]
+  if [row for row in rows if row['epoch'] <= len(saved)] != saved:
+    message = (
+      f'{path} did not hold the rows of the epochs 1 to {len(saved)} that the checkpoint '
+      f'of epoch {position.epoch} holds (it held the epochs '
+      f'{[row["epoch"] for row in rows]}): they are written again from the checkpoint.'
+    )
+    logging.warning('%s', message)
+    if jax.process_index() == 0:
+      print(f'Warning: {message}', flush=True)
+  return saved + later[:1]
+
+
 def restore(
   run: Run, workdir: str, manager: Any, empty: StepMetrics
 ) -> tuple[TrainState, checkpoints.Position, list[dict[str, Any]]]:
   """Where the run in `workdir` stands: the host state and position of its last
   checkpoint (the initial state and the start without one; `empty`: the per-step metrics
-  of an epoch not begun), and the rows up to that checkpoint, which process 0 writes
-  back to metrics.jsonl."""
+  of an epoch not begun), and the rows up to that checkpoint (`recorded_rows`), which
+  process 0 writes back to metrics.jsonl. A checkpoint without the workdir's config.json
+  beside it writes it again (its trajectory fields are the config's, `restore_checkpoint`
+  checks)."""
   host_state, position = checkpoints.restore_checkpoint(manager, run.state, empty, run.config)
   # Rows past the checkpoint belong to epochs that will be trained again.
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  history = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
+  stored = [row for row in read_metrics(metrics_path) if row['epoch'] <= position.epoch]
+  history = recorded_rows(metrics_path, stored, position)
   if jax.process_index() == 0:
     write_metrics(metrics_path, history)
+    if manager.latest_step() is not None and not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+      write_config(workdir, run.config)
   if manager.latest_step() is not None:
     logging.info(
       'Resuming from the checkpoint after epoch %d and %d steps of the next.',
@@ -467,6 +528,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   host_state, position, history = restore(run, workdir, manager, empty)
   state = run.parallel.put_state(host_state)
   clock = WallClock(position.wall_time)
+  first_loss = position.record and position.record['first_loss']
 
   if position.epoch and not position.step_in_epoch and len(history) < position.epoch:
     # Stopped between the checkpoint at an epoch's end and that epoch's row: the
@@ -479,20 +541,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if epoch > position.epoch or not position.step_in_epoch:
       position = checkpoints.Position(epoch, 0, empty, clock())
     state, summary, step_metrics = train_epoch(
-      run, state, position, workdir=workdir, manager=manager, writer=writer, clock=clock
+      run,
+      state,
+      position,
+      workdir=workdir,
+      manager=manager,
+      writer=writer,
+      clock=clock,
+      history=history,
+      first_loss=first_loss,
     )
     host_state = run.parallel.get_state(state)
+    first_loss = divergence.first_loss(first_loss, epoch, step_metrics)
     # Saved in the background while the test split is evaluated, with the epoch's
     # per-step metrics, from which its row can be made again.
-    save(
-      run, workdir, manager, host_state, checkpoints.Position(epoch + 1, 0, step_metrics, clock())
+    end = checkpoints.Position(
+      epoch + 1, 0, step_metrics, clock(), record(history, first_loss, epoch, step_metrics)
     )
+    save(run, workdir, manager, host_state, end)
     row = epoch_row(run, state, host_state, epoch, summary, clock)
     # The row is written only once its checkpoint is on disk: after a crash the
     # metrics never run ahead of what a resumed run restores.
     manager.wait_until_finished()
     rows.write_row(run, workdir, writer, history, row)
-    divergence.check(config, history, step_metrics)
+    divergence.check(config, history, step_metrics, first_loss)
   manager.close()
   if is_writer:
     writer.close()

@@ -34,6 +34,8 @@ CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 CURVES_FILE = 'curves.png'
 LOCK_FILE = 'lock.json'
+# The largest process id: Linux's pid_t is a signed 32-bit integer.
+MAX_PID = 2**31 - 1
 
 # Fields that change what is logged, kept or how fast it runs, never the parameters a
 # run ends with: a resumed run may change them. (`parallelism` and the process count
@@ -52,6 +54,7 @@ HARMLESS_FIELDS = frozenset(
     'eval_train',
     'optimizers',
     'divergence_steps',
+    'divergence_loss_ratio',
   }
 )
 
@@ -82,12 +85,23 @@ class WorkdirLockedError(RuntimeError):
 
 def _read_lock(path: str) -> dict[str, Any] | None:
   """The holder a lock file names; None if it does not read (yet: it is written after
-  it is created)."""
+  it is created).
+
+  Raises:
+    WorkdirLockedError: naming the file, if its pid is not a process id.
+  """
   for _ in range(20):
     try:
       with open(path) as f:
         holder = json.load(f)
       if isinstance(holder, dict) and {'host', 'pid', 'start_time'} <= holder.keys():
+        pid = holder['pid']
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= MAX_PID):
+          raise WorkdirLockedError(
+            f'The lock file {path} names the pid {pid!r}, which is not a process id (an '
+            f'integer in [1, {MAX_PID}]): it was not written by a run. If no run uses this '
+            'workdir, delete the file and rerun.'
+          )
         return holder
     except FileNotFoundError:
       return {}
@@ -107,22 +121,73 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def _is_held(holder: Mapping[str, Any], host: str) -> bool:
+  """Whether the run a lock names may still be running: it is alive on this host, or on
+  another host, which cannot be checked from here."""
+  return holder['host'] != host or _alive(holder['pid'])
+
+
+def _held_around(workdir: str, host: str) -> str | None:
+  """Why `workdir` may not be taken beside the runs that hold the directories above or
+  below it (a trainer inside a sweep's workdir would mix its checkpoints with the
+  sweep's); None if no other run holds one. Locks of this process are its own nested
+  runs (a sweep's range test) and are allowed."""
+  directory = os.path.abspath(workdir)
+  above = _parents(workdir)
+  below = []
+  if os.path.isdir(directory):
+    for root, directories, files in os.walk(directory):
+      if root != directory and LOCK_FILE in files:
+        below.append(root)
+      directories.sort()
+  for other in above + below:
+    path = os.path.join(other, LOCK_FILE)
+    if not os.path.isfile(path):
+      continue
+    holder = _read_lock(path)
+    if not holder:
+      continue
+    if holder['host'] == host and holder['pid'] == os.getpid():
+      continue
+    if _is_held(holder, host):
+      where = 'inside' if other in above else 'around'
+      return (
+        f'The workdir {workdir} is {where} the workdir {other}, which is in use by another '
+        f'run: process {holder["pid"]} on host {holder["host"]}, started '
+        f"{holder['start_time']} ({path}). Two runs in one another's workdir would mix "
+        'their checkpoints and files: use a workdir outside it.'
+      )
+  return None
+
+
 def acquire_lock(workdir: str) -> dict[str, Any]:
   """Takes `workdir/lock.json` for this process, creating the workdir if need be.
 
   A lock whose holder ran on this host and is gone (a killed run) is taken over with a
   warning. A run on another host cannot be checked: its lock must be deleted by hand
-  once that run is gone.
+  once that run is gone. A workdir inside the workdir of another run, or holding one,
+  is refused as well.
 
   Returns:
     The holder record written: host, pid and start time.
 
   Raises:
-    WorkdirLockedError: naming the holder, if another run holds the workdir.
+    WorkdirLockedError: naming the holder, if another run holds the workdir, a workdir
+      above it or one inside it, or naming the lock file if it does not say who holds it.
+    ValueError: if `workdir` (or a directory above it) is a file.
   """
+  for parent in [workdir, *_parents(workdir)]:
+    if os.path.exists(parent) and not os.path.isdir(parent):
+      raise ValueError(
+        f'The workdir {workdir} cannot be created: {parent} is a file, not a directory. '
+        'Give a directory (new or existing) as --workdir.'
+      )
+  host = socket.gethostname()
+  nested = _held_around(workdir, host)
+  if nested:
+    raise WorkdirLockedError(nested)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  host = socket.gethostname()
   record = {
     'host': host,
     'pid': os.getpid(),
@@ -140,7 +205,7 @@ def acquire_lock(workdir: str) -> dict[str, Any]:
           f'The workdir {workdir} is locked by {path}, which does not say by whom. If no '
           'run uses this workdir, delete the file and rerun.'
         ) from None
-      if holder['host'] == host and not _alive(holder['pid']):
+      if not _is_held(holder, host):
         message = (
           f'Taking over the lock of the workdir {workdir}: its holder, process '
           f'{holder["pid"]} on {host} (started {holder["start_time"]}), is gone.'
@@ -159,6 +224,14 @@ def acquire_lock(workdir: str) -> dict[str, Any]:
     with os.fdopen(descriptor, 'w') as f:
       json.dump(record, f)
     return record
+
+
+def _parents(workdir: str) -> list[str]:
+  """The directories above `workdir`, nearest first."""
+  parents = [os.path.dirname(os.path.abspath(workdir))]
+  while os.path.dirname(parents[-1]) != parents[-1]:
+    parents.append(os.path.dirname(parents[-1]))
+  return parents
 
 
 def release_lock(workdir: str, record: Mapping[str, Any]) -> None:

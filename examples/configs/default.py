@@ -140,4 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Stop the run once this many consecutive steps were skipped as non-finite (checked at
   # epoch ends): it has diverged. -1: one epoch; 0: never.
   config.divergence_steps = -1
+  # Stop the run once an epoch's mean training loss exceeds this many times the loss of
+  # its first step (checked at epoch ends): it has diverged to finite values. 0: never.
+  config.divergence_loss_ratio = 100.0
   return config
