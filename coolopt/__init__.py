@@ -34,7 +34,12 @@ from coolopt.range_test import (
   smooth_losses,
   suggest_learning_rate,
 )
-from coolopt.schedules import exponential_cooling, friction_cooling, linear_cooling
+from coolopt.schedules import (
+  exponential_cooling,
+  friction_cooling,
+  linear_cooling,
+  staircase_decay,
+)
 from coolopt.thermostat import ThermostatState, scale_by_thermostat, thermostat_state
 
 __version__ = '0.1.0'
@@ -60,6 +65,7 @@ __all__ = [
   'scale_by_thermostat',
   'sgd_sa',
   'smooth_losses',
+  'staircase_decay',
   'suggest_learning_rate',
   'thermostat_state',
   'track_kinetic_temperature',

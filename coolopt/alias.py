@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import chex
-import jax.numpy as jnp
 import optax
 
 from coolopt import _checks, schedules
@@ -175,23 +174,6 @@ def coolmomentum(
   return optax.chain(decay, langevin)
 
 
-def _staircase_decay(
-  initial_value: chex.Numeric, steps_per_stair: chex.Numeric, factor: chex.Numeric
-) -> optax.Schedule:
-  """`initial_value * factor ** floor(n / steps_per_stair)`.
-
-  `optax.exponential_decay(..., staircase=True)` computes the same, but tests its
-  arguments with Python `if`s, which fail on the traced values that
-  `optax.inject_hyperparams` passes inside `jit`.
-  """
-
-  def schedule(count: chex.Numeric) -> chex.Array:
-    stairs = jnp.floor(jnp.asarray(count, jnp.float32) / steps_per_stair)
-    return initial_value * jnp.power(factor, stairs)
-
-  return schedule
-
-
 def sgd_sa(
   learning_rates: Sequence[float] = SGD_SA_LEARNING_RATES,
   initial_temperature: float = 1.0,
@@ -245,7 +227,7 @@ def sgd_sa(
     upper_inclusive=True,
     upper=1.0,
   )
-  temperature = _staircase_decay(initial_temperature, steps_per_epoch, cooling_factor)
+  temperature = schedules.staircase_decay(initial_temperature, steps_per_epoch, cooling_factor)
   return metropolis(
     optax.sgd(1.0), temperature, multipliers=learning_rates, key=key, axis_name=axis_name
   )

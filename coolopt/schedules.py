@@ -21,7 +21,7 @@ import optax
 
 from coolopt import _checks
 
-__all__ = ['exponential_cooling', 'friction_cooling', 'linear_cooling']
+__all__ = ['exponential_cooling', 'friction_cooling', 'linear_cooling', 'staircase_decay']
 
 
 def _as_default_float(x: chex.Numeric) -> chex.Array:
@@ -207,3 +207,38 @@ COOLING_SCHEDULES = {
   'linear': linear_cooling,
   'friction': friction_cooling,
 }
+
+
+def staircase_decay(
+  initial_value: chex.Numeric, steps_per_stair: chex.Numeric, factor: chex.Numeric
+) -> optax.Schedule:
+  r"""A value multiplied by `factor` every `steps_per_stair` steps.
+
+  .. math::
+
+    v_n = v_0 \, f^{\lfloor n / s \rfloor}
+
+  `optax.exponential_decay(v_0, s, f, staircase=True)` computes the same, but tests its
+  arguments with Python `if`s, which fail on traced values (`optax.inject_hyperparams`
+  inside `jit`, or one value per run under `jax.vmap`); this one takes them traced.
+
+  Args:
+    initial_value: :math:`v_0`.
+    steps_per_stair: :math:`s > 0`, the steps between two multiplications.
+    factor: :math:`f`.
+
+  Returns:
+    The schedule :math:`n \mapsto v_n`.
+
+  Example:
+    >>> import coolopt
+    >>> schedule = coolopt.staircase_decay(1.0, 10, 0.5)
+    >>> [float(schedule(n)) for n in (0, 9, 10, 25)]
+    [1.0, 1.0, 0.5, 0.25]
+  """
+
+  def schedule(count: chex.Numeric) -> chex.Array:
+    stairs = jnp.floor(jnp.asarray(count, jnp.float32) / steps_per_stair)
+    return initial_value * jnp.power(factor, stairs)
+
+  return schedule

@@ -79,11 +79,9 @@ def create_learning_rate_fn(
     return optax.piecewise_constant_schedule(base, boundaries_and_scales)
   if config.lr_schedule == 'exponential':
     warmup_steps = epochs_to_steps(config.lr_warmup_epochs, steps_per_epoch)
-    decay = optax.exponential_decay(
-      base,
-      transition_steps=max(1, epochs_to_steps(config.lr_decay_epochs, steps_per_epoch)),
-      decay_rate=config.lr_decay_rate,
-      staircase=True,
+    # Traceable in the decay rate, which the sweep's random search sets per run.
+    decay = coolopt.staircase_decay(
+      base, max(1, epochs_to_steps(config.lr_decay_epochs, steps_per_epoch)), config.lr_decay_rate
     )
     if warmup_steps == 0:
       return decay
@@ -136,7 +134,7 @@ def _base_optimizer(
   if name == 'sgd':
     return optax.sgd(learning_rate)
   if name == 'adam':
-    return optax.adam(learning_rate)
+    return optax.adam(learning_rate, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
   if name == 'rmsprop':
     # The TensorFlow RMSProp of the EfficientNet reference: mean square started at 1,
     # epsilon inside the square root.

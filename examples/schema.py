@@ -147,6 +147,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check_number(config, 'momentum', lower=0, upper=1)
   check_number(config, 'rmsprop_decay', lower=0, upper=1)
   check_number(config, 'rmsprop_eps', lower=0, lower_inclusive=False)
+  check_number(config, 'adam_b1', lower=0, upper=1, upper_inclusive=False)
+  check_number(config, 'adam_b2', lower=0, upper=1, upper_inclusive=False)
+  check_number(config, 'adam_eps', lower=0, lower_inclusive=False)
   check_number(config, 'label_smoothing', lower=0, upper=1)
   for field in (
     'warmup_epochs',

@@ -66,11 +66,24 @@ from absl import app, flags
 from jax.extend import core as jaxpr_core
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from examples import checkpoints, compare, logs, lr_find, optimizers, schema, tasks, train
+from examples import (
+  budget,
+  checkpoints,
+  compare,
+  logs,
+  lr_find,
+  optimizers,
+  schema,
+  search,
+  tasks,
+  train,
+)
 from examples import main as trainer_main
 from examples import workdir as workdir_files
 
 FLAGS = flags.FLAGS
+
+SEARCHES = ('grid', 'random')
 
 flags.DEFINE_integer('seeds', 3, 'Seeds per setting (config.seed, config.seed + 1, ...).')
 flags.DEFINE_integer('num_rates', 5, 'Learning rates per optimizer.')
@@ -93,11 +106,22 @@ flags.DEFINE_float(
   "GiB of memory of one device, 80% of which a grid's estimate must fit in (0: the device's "
   "own; on CPU the host's memory over the local devices).",
 )
+flags.DEFINE_enum(
+  'search',
+  'grid',
+  list(SEARCHES),
+  'grid: the rates around a centre (x rho_0s); random: --trials settings per optimizer drawn '
+  'from its search space (examples/search.py).',
+)
+flags.DEFINE_integer('trials', 32, 'Settings per optimizer of a random search (N).')
+flags.DEFINE_integer('search_seed', 0, "The seed of a random search's draws.")
 flags.DEFINE_integer(
   'runs_per_vmap', 0, 'Runs a device steps at once, to hold fewer in memory (0: all in one vmap).'
 )
 
 RUN_AXIS = 'runs'
+# The per-run values every sweep program takes; a random search adds the fields it samples.
+RUN_FIELDS = ('learning_rate', 'rho_0', 'seed', 'seed_index')
 CENTERS = ('recipe', 'lr_find')
 DEFAULT_RHO_0S = (0.9, 0.99, 0.999)
 SWEEP_JSON, SWEEP_MD, HEATMAP_PNG, CURVES_PNG = (
@@ -174,15 +198,28 @@ def make_grid(
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """One point of an optimizer's grid: its learning rate (the multipliers' scale for
-  'sgd_sa') and rho_0 (None but for CoolMomentum)."""
+  """One point of an optimizer's grid or one trial of its random search: its learning
+  rate (the multipliers' scale for 'sgd_sa'), rho_0 (None but for CoolMomentum) and the
+  other config fields a random search samples (`others`, (field, value) pairs)."""
 
   learning_rate: float
   rho_0: float | None
+  others: tuple[tuple[str, float], ...] = ()
+
+  def fields(self) -> dict[str, float | None]:
+    """`{'learning_rate', 'rho_0', **others}`."""
+    return {'learning_rate': self.learning_rate, 'rho_0': self.rho_0, **dict(self.others)}
+
+  @classmethod
+  def from_fields(cls, fields: Mapping[str, float | None]) -> Setting:
+    """The setting of `fields()`."""
+    others = tuple((k, float(v)) for k, v in fields.items() if k not in ('learning_rate', 'rho_0'))
+    return cls(float(fields['learning_rate']), fields.get('rho_0'), others)
 
   def label(self) -> str:
     rho = '' if self.rho_0 is None else f', rho_0 {self.rho_0:g}'
-    return f'lr {self.learning_rate:.3g}{rho}'
+    others = ''.join(f', {k} {v:.4g}' for k, v in self.others)
+    return f'lr {self.learning_rate:.3g}{rho}{others}'
 
 
 def recipe_rate(config: ml_collections.ConfigDict) -> float:
@@ -237,8 +274,10 @@ class _Overrides:
 
 def run_optimizer(config: ml_collections.ConfigDict, hparams: Mapping[str, jax.Array]):
   """The optimizer of the resolved `config` at one run's traced `hparams`
-  (`learning_rate`, `rho_0`, `seed`), built as the trainer builds it."""
+  (`learning_rate`, `rho_0`, `seed` and the config fields a random search samples),
+  built as the trainer builds it."""
   fields = {'seed': hparams['seed']}
+  fields.update({k: v for k, v in hparams.items() if k not in RUN_FIELDS})
   if config.optimizer == 'sgd_sa':
     tx, _ = optimizers.create_optimizer(_Overrides(config, **fields), config.steps_per_epoch)
     # sgd_sa steps by multiplier x gradient: scaling the gradient scales the multipliers.
@@ -266,6 +305,7 @@ class Program:
   eval_step: Any
   sharding: NamedSharding
   replicated: NamedSharding
+  fields: tuple[str, ...] = ()
 
 
 def build_program(
@@ -274,8 +314,13 @@ def build_program(
   model=None,
   *,
   runs_per_vmap: int | None = None,
+  fields: Sequence[str] = (),
 ) -> Program:
   """The steps of `config`'s optimizer over a leading run axis, sharded over the devices.
+
+  Every run's `learning_rate`, `rho_0` and seed are traced values, and so are the config
+  `fields` a random search samples (e.g. 'momentum', 'adam_b1'): one value per run each,
+  read by `optimizers.create_optimizer` in place of the config's.
 
   With `runs_per_vmap`, each device steps its runs that many at a time (`jax.lax.map`
   with that batch size: one vmapped group after another inside the one program), not all
@@ -360,24 +405,26 @@ def build_program(
     per_device(train_one, (True, True, False)), out_shardings=sharding, donate_argnums=1
   )
   eval_step = jax.jit(per_device(eval_one, (True, False)), out_shardings=sharding)
-  program = Program(init, train_step, eval_step, sharding, replicated)
+  program = Program(init, train_step, eval_step, sharding, replicated, tuple(fields))
   trace_step(program, task, config, 1)  # A model that cannot run under vmap fails here.
   return program
 
 
-def _abstract_hparams(num_runs: int) -> dict[str, jax.ShapeDtypeStruct]:
-  return {
+def _abstract_hparams(num_runs: int, fields: Sequence[str] = ()) -> dict[str, jax.ShapeDtypeStruct]:
+  hparams = {
     'learning_rate': jax.ShapeDtypeStruct((num_runs,), jnp.float32),
     'rho_0': jax.ShapeDtypeStruct((num_runs,), jnp.float32),
     'seed': jax.ShapeDtypeStruct((num_runs,), jnp.uint32),
     'seed_index': jax.ShapeDtypeStruct((num_runs,), jnp.int32),
   }
+  hparams.update({field: jax.ShapeDtypeStruct((num_runs,), jnp.float32) for field in fields})
+  return hparams
 
 
 def _abstract_inputs(program: Program, task: tasks.Task, runs_per_device: int) -> tuple[Any, ...]:
   """The shapes of the train step's arguments (hyperparameters, states, batches of one
   seed) for `runs_per_device` runs on each device."""
-  hparams = _abstract_hparams(runs_per_device * jax.device_count())
+  hparams = _abstract_hparams(runs_per_device * jax.device_count(), program.fields)
   batch = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), task.abstract_batch()
   )
@@ -614,14 +661,22 @@ EPOCH_FIELDS = (
 
 
 def _record_config(
-  config: ml_collections.ConfigDict, settings: Sequence[Setting], seeds: Sequence[int]
+  config: ml_collections.ConfigDict,
+  settings: Sequence[Setting],
+  seeds: Sequence[int],
+  search: Mapping[str, Any] | None = None,
 ) -> ml_collections.ConfigDict:
-  """The resolved `config` with the runs it trains (`sweep_settings`, `sweep_seeds`): what
-  the optimizer's config.json and checkpoints hold, and a resumed sweep must agree with."""
+  """The resolved `config` with the runs it trains (`sweep_settings`, `sweep_seeds`) and,
+  for a random search, its space, trials and sampler seed (`sweep_search`): what the
+  optimizer's config.json and checkpoints hold, and a resumed sweep must agree with."""
   record = config.copy_and_resolve_references()
   with record.unlocked():
-    record.sweep_settings = [[s.learning_rate, s.rho_0] for s in settings]
+    record.sweep_settings = [
+      [s.learning_rate, s.rho_0, *([dict(s.others)] if s.others else [])] for s in settings
+    ]
     record.sweep_seeds = [int(seed) for seed in seeds]
+    if search is not None:
+      record.sweep_search = ml_collections.ConfigDict(dict(search))
   return record
 
 
@@ -635,8 +690,14 @@ def train_runs(
   verbose: bool = False,
   runs_per_vmap: int | None = None,
   memory_limit: int | None = None,
+  search: Mapping[str, Any] | None = None,
+  name: str | None = None,
 ) -> Runs:
   """Trains `settings x seeds` runs of the (unresolved) `config`'s optimizer together.
+
+  The settings' `others` fields (a random search's) must be the same for all of them;
+  `search` describes the random search they were drawn by, recorded for a resumed sweep
+  to agree with. `name` labels the printed lines (default: the optimizer's).
 
   The runs train on the training split less its last `config.validation_fraction`, and
   are evaluated on that held-out part ('validation') and on the test split after every
@@ -680,8 +741,14 @@ def train_runs(
       'config.validation_fraction must be positive: the sweep selects on a validation split '
       f'held out of the training split, got validation_fraction={resolved.validation_fraction}.'
     )
+  fields = [k for k, _ in settings[0].others]
+  if any([k for k, _ in s.others] != fields for s in settings):
+    raise ValueError(
+      f'The settings of one sweep must set the same fields, got {fields} and '
+      f'{next([k for k, _ in s.others] for s in settings if [k for k, _ in s.others] != fields)}.'
+    )
   fit = [tasks.create_task(_seed_config(resolved, s)) for s in seeds]
-  program = build_program(resolved, task, model, runs_per_vmap=runs_per_vmap)
+  program = build_program(resolved, task, model, runs_per_vmap=runs_per_vmap, fields=fields)
 
   runs = [(setting, i) for setting in settings for i in range(len(seeds))]
   num_devices = jax.device_count()
@@ -699,6 +766,8 @@ def train_runs(
     'seed': np.array([seeds[i] for _, i in padded], np.uint32),
     'seed_index': np.array([i for _, i in padded], np.int32),
   }
+  for field in fields:
+    hparams[field] = np.array([dict(s.others)[field] for s, _ in padded], np.float32)
   hparams = jax.device_put(hparams, program.sharding)
   states = program.init(hparams)
 
@@ -706,7 +775,7 @@ def train_runs(
   history = {key: np.zeros((len(padded), epochs)) for key in EPOCH_FIELDS}
   history['step_loss'] = np.zeros((len(padded), epochs * steps))
   position = checkpoints.Position(0, 0, history, 0.0)
-  manager, record = None, _record_config(resolved, settings, seeds)
+  manager, record = None, _record_config(resolved, settings, seeds, search)
   if workdir is not None:
     workdir_files.check_config(workdir, record)
     # Two: a damaged newest checkpoint falls back to the epoch before it.
@@ -753,7 +822,7 @@ def train_runs(
     if verbose and jax.process_index() == 0:
       val = history['validation_accuracy'][: len(runs), epoch]
       print(
-        f'{resolved.optimizer} epoch {epoch + 1}/{epochs}: {len(runs)} runs, validation '
+        f'{name or resolved.optimizer} epoch {epoch + 1}/{epochs}: {len(runs)} runs, validation '
         f'accuracy best {np.nanmax(val):.2%}, median {np.nanmedian(val):.2%}, {elapsed:.1f}s',
         flush=True,
       )
@@ -791,15 +860,15 @@ def summarize(runs: Runs) -> dict[str, Any]:
   accuracy (then validation loss) among those none of whose runs diverged. Only the
   validation numbers are read to choose."""
   div = diverged(runs)
-  grid = []
-  for setting in dict.fromkeys(runs.settings):
+  grid, settings = [], list(dict.fromkeys(runs.settings))
+  for setting in settings:
     rows = [i for i, s in enumerate(runs.settings) if s == setting]
 
     def stats(values, rows=rows):
       values = values[rows, -1]
       return _finite_or_none(np.mean(values)), _finite_or_none(np.std(values))
 
-    entry = {'learning_rate': setting.learning_rate, 'rho_0': setting.rho_0}
+    entry = setting.fields()
     entry['diverged'] = bool(div[rows].any())
     for key in ('validation_accuracy', 'validation_loss', 'test_accuracy', 'train_loss'):
       entry[f'{key}_mean'], entry[f'{key}_std'] = stats(getattr(runs, key))
@@ -815,7 +884,7 @@ def summarize(runs: Runs) -> dict[str, Any]:
       key=lambda i: (grid[i]['validation_accuracy_mean'], -(grid[i]['validation_loss_mean'] or 0)),
     )
     chosen = grid[best]
-    result['selected'] = {'learning_rate': chosen['learning_rate'], 'rho_0': chosen['rho_0']}
+    result['selected'] = settings[best].fields()
     result['validation_accuracy_mean'] = chosen['validation_accuracy_mean']
     result['test_accuracy_mean'] = chosen['test_accuracy_mean']
     result['test_accuracy_std'] = chosen['test_accuracy_std']
@@ -848,7 +917,7 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   ]
   for name, r in results.items():
     selected = r['selected']
-    label = Setting(**selected).label() if selected else 'all diverged'
+    label = Setting.from_fields(selected).label() if selected else 'all diverged'
     loss = '-' if r['train_loss_mean'] is None else f'{r["train_loss_mean"]:.4f}'
     div = sum(e['diverged'] for e in r['grid'])
     lines.append(
@@ -932,9 +1001,11 @@ def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: str) -> No
 
 
 def run_name(setting: Setting, seed: int) -> str:
-  """The directory of a run's TensorBoard event files, e.g. 'lr0.01_rho0.99_seed0'."""
+  """The directory of a run's TensorBoard event files, e.g. 'lr0.01_rho0.99_seed0' (a
+  random search's fields after rho_0, e.g. '_momentum0.953')."""
   rho = '' if setting.rho_0 is None else f'_rho{setting.rho_0:g}'
-  return f'lr{setting.learning_rate:.3g}{rho}_seed{seed}'
+  others = ''.join(f'_{k}{v:.4g}' for k, v in setting.others)
+  return f'lr{setting.learning_rate:.3g}{rho}{others}_seed{seed}'
 
 
 def write_tensorboard(directory: str, runs: Runs, steps_per_epoch: int) -> None:
@@ -957,12 +1028,46 @@ def write_tensorboard(directory: str, runs: Runs, steps_per_epoch: int) -> None:
     writer.close()
 
 
+def entry_config(
+  config: ml_collections.ConfigDict, name: str, plan: Grid | search.RandomSearch
+) -> ml_collections.ConfigDict:
+  """The config that trains sweep entry `name`: optimizer `name` for a grid; for a random
+  search, the optimizer of `name`'s search space, with the fields it fixes added to that
+  optimizer's recipe."""
+  if isinstance(plan, Grid):
+    return compare.optimizer_config(config, name)
+  space = search.get_space(name)
+  name_config = compare.optimizer_config(config, space.optimizer)
+  with name_config.unlocked():
+    if space.optimizer not in name_config.optimizers:
+      name_config.optimizers[space.optimizer] = ml_collections.ConfigDict()
+    for field, value in space.fixed:
+      name_config.optimizers[space.optimizer][field] = value
+  return name_config
+
+
+def _settings(
+  name: str,
+  name_config: ml_collections.ConfigDict,
+  plan: Grid | search.RandomSearch,
+  center: str,
+  directory: str,
+  lr_find_args: Mapping[str, Any] | None,
+) -> list[Setting]:
+  if isinstance(plan, search.RandomSearch):
+    return [Setting.from_fields(t) for t in search.sample(name, plan.trials, plan.sampler_seed)]
+  rate = None
+  if center == 'lr_find':
+    rate = suggested_rate(name_config, directory, **(lr_find_args or {}))
+  return settings_of(schema.resolve_config(name_config), plan, rate)
+
+
 @workdir_files.hold_lock
 def sweep(
   config: ml_collections.ConfigDict,
   workdir: str,
   optimizer_names: Sequence[str],
-  grid: Grid,
+  grid: Grid | search.RandomSearch,
   *,
   validation_fraction: float = 0.15,
   center: str = 'recipe',
@@ -971,27 +1076,41 @@ def sweep(
   runs_per_vmap: int | None = None,
   memory_limit: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-  """Sweeps each of `optimizer_names` over `grid` and writes the sweep's files.
+  """Sweeps each of `optimizer_names` over `grid` (or draws its trials by a random search)
+  and writes the sweep's files.
 
   Each optimizer's runs keep their config.json and checkpoints in `workdir/<optimizer>/`
   (see `train_runs`): a killed sweep reruns to the same numbers, and a rerun with
-  another config or grid is refused. The workdir is locked while the sweep runs.
+  another config, grid, search space or number of trials is refused. The workdir is
+  locked while the sweep runs.
 
   Args:
-    center: what the rates span around: 'recipe' (the recipe's learning rate) or
+    optimizer_names: optimizers for a grid; entries of `search.SEARCH_SPACES` for a
+      random search.
+    grid: a `Grid`, or a `search.RandomSearch`, whose trials of each entry are drawn from
+      its search space.
+    center: what a grid's rates span around: 'recipe' (the recipe's learning rate) or
       'lr_find' (the suggestion of examples.lr_find on the training split less the
-      validation split, with `lr_find_args`).
+      validation split, with `lr_find_args`); a random search's ranges are its own.
 
   Returns:
-    `{optimizer: summarize(its runs)}`.
+    `{optimizer: summarize(its runs)}`; budget.json/md/png hold the expected best of k of
+    its settings (`examples.budget`).
   """
+  random = isinstance(grid, search.RandomSearch)
   if not optimizer_names:
+    default = search.SEARCH_SPACES if random else compare.DEFAULT_OPTIMIZERS
     raise ValueError(
       'optimizers must name at least one optimizer to sweep, got none (--optimizers=); '
-      f'e.g. --optimizers={",".join(compare.DEFAULT_OPTIMIZERS)}.'
+      f'e.g. --optimizers={",".join(default)}.'
     )
   if center not in CENTERS:
     raise ValueError(f'center must be one of {CENTERS}, got center={center!r}.')
+  if random and center != 'recipe':
+    raise ValueError(
+      f'center={center!r} centres a grid: a random search draws from its own ranges '
+      '(examples/search.py); leave --center unset.'
+    )
   if config.validation_fraction not in (0.0, validation_fraction):
     raise ValueError(
       f"config.validation_fraction={config.validation_fraction} and the sweep's "
@@ -1000,25 +1119,23 @@ def sweep(
     )
   configs = {}
   for name in optimizer_names:
-    name_config = compare.optimizer_config(config, name)
+    name_config = entry_config(config, name, grid)
     name_config.validation_fraction = validation_fraction
     schema.validate_config(name_config)
     configs[name] = name_config
   results, curves = {}, {}
   for name, name_config in configs.items():
     directory = os.path.join(workdir, name)
-    resolved = schema.resolve_config(name_config)
-    rate = None
-    if center == 'lr_find':
-      rate = suggested_rate(name_config, directory, **(lr_find_args or {}))
     runs = train_runs(
       name_config,
-      settings_of(resolved, grid, rate),
+      _settings(name, name_config, grid, center, directory, lr_find_args),
       grid.seeds,
       workdir=directory,
       verbose=verbose,
       runs_per_vmap=runs_per_vmap,
       memory_limit=memory_limit,
+      search=grid.record(name) if random else None,
+      name=name,
     )
     results[name] = summarize(runs)
     if jax.process_index() == 0:
@@ -1026,8 +1143,13 @@ def sweep(
       write_tensorboard(directory, runs, steps_per_epoch)
     results[name]['images_per_sec'] = runs.images / runs.seconds
     selected = results[name]['selected']
+    if random:
+      results[name]['search_space'] = search.get_space(name).describe()
+      results[name]['trials'] = grid.trials
+      if selected is not None:
+        results[name]['selected_position'] = search.positions(name, selected)
     if selected is not None:
-      rows = [i for i, s in enumerate(runs.settings) if s == Setting(**selected)]
+      rows = [i for i, s in enumerate(runs.settings) if s == Setting.from_fields(selected)]
       curves[name] = {
         key: getattr(runs, key)[rows]
         for key in ('step_loss', 'validation_accuracy', 'test_accuracy')
@@ -1039,30 +1161,62 @@ def sweep(
     with open(os.path.join(workdir, SWEEP_MD), 'w') as f:
       f.write(markdown_table(results))
     cool = [n for n in results if n in optimizers.COOLMOMENTUM_OPTIMIZERS]
-    if cool:
+    if cool and not random:
       plot_heatmap(results[cool[0]], os.path.join(workdir, HEATMAP_PNG), cool[0])
     if curves:
       plot_curves(curves, os.path.join(workdir, CURVES_PNG))
+    kind = f'random search, {grid.trials} trials' if random else 'grid'
+    budget.write(workdir, results, title=f'Expected best of k settings ({kind})')
   return results
+
+
+# The flags of one kind of search only: given with the other, they are refused.
+GRID_FLAGS = ('num_rates', 'rate_span', 'rho_0s', 'center')
+RANDOM_FLAGS = ('trials', 'search_seed')
+
+
+def plan_from_flags() -> tuple[Grid | search.RandomSearch, list[str]]:
+  """The grid or random search of the command line, and the entries it sweeps
+  (`--optimizers`, or for a random search every entry of `search.SEARCH_SPACES`).
+
+  Raises:
+    app.UsageError: for a flag of the other kind of search.
+  """
+  random = FLAGS.search == 'random'
+  foreign = [f for f in (GRID_FLAGS if random else RANDOM_FLAGS) if FLAGS[f].present]
+  if foreign:
+    raise app.UsageError(
+      f'--{", --".join(foreign)} do not apply to --search={FLAGS.search}: the grid takes '
+      f'--{", --".join(GRID_FLAGS)}, the random search --{", --".join(RANDOM_FLAGS)}.'
+    )
+  seeds = tuple(range(FLAGS.config.seed, FLAGS.config.seed + FLAGS.seeds))
+  if not random:
+    grid = make_grid(
+      num_rates=FLAGS.num_rates,
+      rate_span=FLAGS.rate_span,
+      rho_0s=[float(r) for r in FLAGS.rho_0s],
+      num_seeds=FLAGS.seeds,
+      first_seed=FLAGS.config.seed,
+    )
+    return grid, list(FLAGS.optimizers)
+  names = list(FLAGS.optimizers) if FLAGS['optimizers'].present else list(search.SEARCH_SPACES)
+  for name in names:
+    search.get_space(name)
+  return search.RandomSearch(FLAGS.trials, seeds, FLAGS.search_seed), names
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   trainer_main.setup()
-  schema.prefer_given(FLAGS.config, trainer_main.given_fields(), FLAGS.optimizers)
-  grid = make_grid(
-    num_rates=FLAGS.num_rates,
-    rate_span=FLAGS.rate_span,
-    rho_0s=[float(r) for r in FLAGS.rho_0s],
-    num_seeds=FLAGS.seeds,
-    first_seed=FLAGS.config.seed,
-  )
+  plan, names = plan_from_flags()
+  trained = names if isinstance(plan, Grid) else [search.get_space(n).optimizer for n in names]
+  schema.prefer_given(FLAGS.config, trainer_main.given_fields(), list(dict.fromkeys(trained)))
   results = sweep(
     FLAGS.config,
     FLAGS.workdir,
-    FLAGS.optimizers,
-    grid,
+    names,
+    plan,
     validation_fraction=FLAGS.validation_fraction,
     center=FLAGS.center,
     lr_find_args=lr_find.flag_arguments(),

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from examples import (
+  budget,
   checkpoints,
   compare,
   input_pipeline,
   lr_find,
   optimizers,
   schema,
+  search,
   sweep,
   tasks,
   train,
@@ -49,6 +51,8 @@ def _one_at_a_time(config, setting, seed):
     config.learning_rate = setting.learning_rate
   if setting.rho_0 is not None:
     config.rho_0 = setting.rho_0
+  for field, value in setting.others:
+    config[field] = value
   task = tasks.create_task(config)
   model = task.create_model()
   tx, _ = optimizers.create_optimizer(config, config.steps_per_epoch)
@@ -92,9 +96,13 @@ def _poisoned_digits(monkeypatch):
   monkeypatch.setitem(input_pipeline.DATASETS, 'digits', dataclasses.replace(spec, arrays=arrays))
 
 
-def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
+@pytest.mark.parametrize('kind', ['grid', 'random'])
+def test_selection_never_reads_the_test_split(tmp_path, monkeypatch, kind):
   config = _config('momentum', steps=6)
-  grid = sweep.make_grid(num_rates=3, rate_span=100.0, num_seeds=1)
+  if kind == 'grid':
+    grid = sweep.make_grid(num_rates=3, rate_span=100.0, num_seeds=1)
+  else:
+    grid = search.RandomSearch(trials=3, seeds=(0,))
   clean = sweep.sweep(config, str(tmp_path / 'clean'), ['momentum'], grid)['momentum']
   _poisoned_digits(monkeypatch)
   poisoned = sweep.sweep(config, str(tmp_path / 'poisoned'), ['momentum'], grid)['momentum']
@@ -104,6 +112,18 @@ def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
   ]
   # The poison reached the test split.
   assert poisoned['test_accuracy_mean'] != clean['test_accuracy_mean']
+  # The budget curves rank by validation alone: only their test accuracy moved.
+  curves = {}
+  for name in ('clean', 'poisoned'):
+    with open(tmp_path / name / budget.BUDGET_JSON) as f:
+      curves[name] = json.load(f)['momentum']
+  for key in ('k', 'expected_validation_accuracy', 'low', 'high'):
+    assert curves['poisoned'][key] == curves['clean'][key]
+  assert curves['poisoned']['expected_test_accuracy'] != curves['clean']['expected_test_accuracy']
+  if kind == 'random':
+    # A random search's momentum samples its momentum and decay factor as well.
+    assert set(clean['selected']) == {'learning_rate', 'rho_0', 'momentum', 'lr_decay_rate'}
+    return
   with open(tmp_path / 'clean' / sweep.SWEEP_JSON) as f:
     stored = json.load(f)['momentum']
   for key in ('selected', 'test_accuracy_mean', 'test_accuracy_std', 'num_seeds', 'grid'):
@@ -250,6 +270,47 @@ def test_a_rerun_with_another_config_or_grid_is_refused(tmp_path):
     sweep.sweep(changed, workdir, ['momentum'], grid)
   # The stored config and grid continue (here: nothing left to train).
   sweep.sweep(config, workdir, ['momentum'], grid)
+
+
+def test_a_rerun_with_another_search_space_or_number_of_trials_is_refused(tmp_path, monkeypatch):
+  config = _config('adam', steps=2)
+  plan = search.RandomSearch(trials=2, seeds=(0,))
+  workdir = str(tmp_path / 'sweep')
+  first = sweep.sweep(config, workdir, ['adam_lr'], plan)['adam_lr']
+  with pytest.raises(
+    ValueError, match=r"config\.sweep_search: stored .*'trials': 2\}, new .*'trials': 3\}"
+  ):
+    sweep.sweep(config, workdir, ['adam_lr'], search.RandomSearch(trials=3, seeds=(0,)))
+  with pytest.raises(
+    ValueError, match=r"config\.sweep_search: stored .*'sampler_seed': 0.*new .*'sampler_seed': 1"
+  ):
+    sweep.sweep(config, workdir, ['adam_lr'], search.RandomSearch(2, (0,), sampler_seed=1))
+  wider = dataclasses.replace(
+    search.SEARCH_SPACES['adam_lr'], dimensions=(search.Dimension('learning_rate', -6.0, -1.0),)
+  )
+  monkeypatch.setitem(search.SEARCH_SPACES, 'adam_lr', wider)
+  with pytest.raises(
+    ValueError, match=r"config\.sweep_search: stored .*'low': -5\.0.*new .*'low': -6\.0"
+  ):
+    sweep.sweep(config, workdir, ['adam_lr'], plan)
+  monkeypatch.undo()
+  # The stored search continues (here: nothing left to train) to the same numbers.
+  assert sweep.sweep(config, workdir, ['adam_lr'], plan)['adam_lr']['grid'] == first['grid']
+
+
+@pytest.mark.parametrize('entry', ['momentum', 'adam', 'sgd_sa', 'coolmomentum_thermostat'])
+def test_a_random_trial_trains_vmapped_as_it_trains_alone(entry):
+  # The sampled fields (momentum and decay factor, Adam's betas and epsilon, SGD-SA's
+  # temperature) are traced per run and reach the optimizer as its config fields would.
+  plan = search.RandomSearch(trials=2, seeds=(3,))
+  config = sweep.entry_config(_config('momentum', steps=3), entry, plan)
+  settings = [sweep.Setting.from_fields(t) for t in search.sample(entry, 2)]
+  runs = sweep.train_runs(config, settings, [3])
+  for i, setting in enumerate(settings):
+    np.testing.assert_allclose(
+      runs.step_loss[i], _one_at_a_time(config, setting, 3), rtol=2e-5, atol=1e-6
+    )
+  assert not np.allclose(runs.step_loss[0], runs.step_loss[1])
 
 
 def test_a_grid_beyond_the_memory_is_refused_with_the_largest_that_fits():

@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_warmup_epochs = 0.0
   config.lr_decay_epochs = 2.4
   config.lr_decay_rate = 0.97
+  # Adam's moment decays and the epsilon added to the root of the second moment (optax's).
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
   # RMSProp: mean-square decay and the epsilon added inside the square root.
   config.rmsprop_decay = 0.9
   config.rmsprop_eps = 1e-3
